@@ -1,0 +1,25 @@
+# SVDiff for ComfyUI: set-up, tests, demo, editor.  Every target provisions what it needs.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PROVISION := bash tools/provision.sh
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo serve bench clean
+
+setup:
+	@$(PROVISION) >/dev/null
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) tools/demo.py
+
+serve: setup
+	$(PY) tools/serve.py
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf .venv .comfyui build

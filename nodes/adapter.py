@@ -1,0 +1,306 @@
+"""Put a spectral shift into ComfyUI's own patch system.
+
+:class:`SpectralShiftAdapter` is a ``comfy.weight_adapter.WeightAdapterBase`` (like LoRA,
+LoHa, OFT): ``ModelPatcher.clone().add_patches({key: adapter}, strength)`` attaches it,
+ComfyUI calls :meth:`calculate_weight` when it patches weights (once per load, or on every
+forward in low-VRAM mode), and ``unpatch_model`` restores the base weights bit for bit.
+The loaded base model is never written to by this pack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import weakref
+from typing import Optional
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import folder_paths
+from comfy.weight_adapter.base import WeightAdapterBase
+
+from ..svdiff.decompose import Decomposition, SVDCache, fingerprint
+from ..svdiff.shift import SpectralShift, is_spectral_shape, spectral_residual
+from ..svdiff import shiftfile
+from .common import SVDiffNodeError, check_interrupt, compute_device, log, progress
+
+UNET_PREFIX = "diffusion_model."
+
+# --------------------------------------------------------------------------------------
+# SVD cache shared by every node and every clone: one decomposition per base weight.
+# --------------------------------------------------------------------------------------
+_CACHE: Optional[SVDCache] = None
+_CACHE_LOCK = threading.Lock()
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def svd_cache() -> SVDCache:
+    """The process-wide SVD cache.
+
+    Memory: SVDIFF_SVD_MEMORY_MB (default 4096).  Disk: under ComfyUI's user directory
+    (``user/svdiff_cache``), SVDIFF_DISK_CACHE=0 turns it off, SVDIFF_DISK_CACHE_GB caps it
+    (default 8; U and V of the whole SD1.5 UNet take about 2.2 GB in float16).
+    """
+    global _CACHE
+    with _CACHE_LOCK:
+        if _CACHE is None:
+            disk = None
+            if os.environ.get("SVDIFF_DISK_CACHE", "1") not in ("0", "false", "off", "no"):
+                disk = os.path.join(folder_paths.get_user_directory(), "svdiff_cache")
+            _CACHE = SVDCache(
+                memory_limit=int(_env_float("SVDIFF_SVD_MEMORY_MB", 4096) * (1 << 20)),
+                disk_dir=disk,
+                disk_limit=int(_env_float("SVDIFF_DISK_CACHE_GB", 8) * (1 << 30)),
+            )
+        return _CACHE
+
+
+_FP_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def weight_fingerprint(t: torch.Tensor) -> str:
+    """Content hash of a weight, memoised per tensor object while it is unchanged."""
+    try:
+        hit = _FP_MEMO.get(t)
+    except TypeError:
+        hit = None
+    if hit is not None and hit[0] == t._version:
+        return hit[1]
+    fp = fingerprint(t)
+    try:
+        _FP_MEMO[t] = (t._version, fp)
+    except TypeError:
+        pass
+    return fp
+
+
+# --------------------------------------------------------------------------------------
+# Residual cache for low-VRAM mode, where calculate_weight runs on every forward pass.
+# --------------------------------------------------------------------------------------
+class _ResidualBudget:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.used = 0
+
+    @property
+    def limit(self) -> int:
+        return int(_env_float("SVDIFF_RESIDUAL_CACHE_MB", 2048) * (1 << 20))
+
+    def take(self, n: int) -> bool:
+        with self.lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self.lock:
+            self.used = max(0, self.used - n)
+
+
+RESIDUAL_BUDGET = _ResidualBudget()
+
+
+class _ResidualCache:
+    """Per-adapter store of the last residual: (device, dtype, strength) -> tensor.
+
+    Filled on the second identical request (so a normal one-off patch costs no memory),
+    within a global byte budget (SVDIFF_RESIDUAL_CACHE_MB).
+    """
+
+    def __init__(self):
+        self.entries: dict = {}
+        self.seen: set = set()
+        self.bytes = 0
+        self._fin = weakref.finalize(self, RESIDUAL_BUDGET.give, 0)
+
+    def get(self, key):
+        return self.entries.get(key)
+
+    def offer(self, key, value: torch.Tensor) -> None:
+        if key not in self.seen:
+            self.seen.add(key)
+            return
+        n = value.numel() * value.element_size()
+        if RESIDUAL_BUDGET.take(n):
+            self.entries[key] = value
+            self.bytes += n
+            self._fin.detach()
+            self._fin = weakref.finalize(self, RESIDUAL_BUDGET.give, self.bytes)
+
+
+class SpectralShiftAdapter(WeightAdapterBase):
+    """One weight's spectral shift as a ComfyUI weight adapter.
+
+    Matrices (2-D, 4-D): W + U diag(ReLU(sigma + s*delta) - sigma) V^T (Eq. 2, residual form);
+    1-D weights: w + s*delta.  ``strength`` (the patch strength) is the s of appendix E.3:
+    it scales delta inside the ReLU.
+    """
+
+    name = "svdiff"
+
+    def __init__(self, delta: torch.Tensor, decomposition: Optional[Decomposition], shape: tuple):
+        self.loaded_keys = set()
+        self.delta = delta.detach().float().cpu()
+        self.decomposition = decomposition
+        self.shape = tuple(shape)
+        self.weights = [self.delta]
+        self._cache = _ResidualCache()
+
+    @classmethod
+    def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None):
+        return None  # spectral shifts are not LoRA files; ComfyUI's LoRA loader never builds us
+
+    def residual(self, strength: float, device, dtype) -> torch.Tensor:
+        key = (str(device), dtype, float(strength))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit.to(device, non_blocking=True)
+        if self.decomposition is None:
+            res = (strength * self.delta).to(device=device)
+        else:
+            res = spectral_residual(self.decomposition, self.delta, strength, device=device)
+        res = res.to(dtype)
+        self._cache.offer(key, res.to("cpu") if res.device.type != "cpu" else res)
+        return res
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weights=None):
+        if offset is not None:
+            log.warning("svdiff: a spectral shift cannot be applied to a slice of %s; skipped", key)
+            return weight
+        if strength_model != 1.0:
+            weight *= strength_model
+        if tuple(weight.shape) != self.shape:
+            log.warning("svdiff: %s has shape %s, the shift expects %s; skipped", key, tuple(weight.shape), self.shape)
+            return weight
+        compute = torch.float32
+        res = self.residual(strength, weight.device, compute)
+        if function is not None:
+            res = function(res)
+        if weight.dtype == torch.float32:
+            weight += res
+            return weight
+        out = weight.to(torch.float32) + res
+        weight.copy_(out.to(weight.dtype))
+        return weight
+
+
+# --------------------------------------------------------------------------------------
+# Model introspection
+# --------------------------------------------------------------------------------------
+def base_weight(patcher, key: str) -> torch.Tensor:
+    """The unpatched weight of ``key``: the backup while a clone is patched, else the module's."""
+    bk = patcher.backup.get(key) if hasattr(patcher, "backup") else None
+    if bk is not None:
+        return bk.weight
+    hbk = getattr(patcher, "hook_backup", {}).get(key)
+    if hbk is not None:
+        return hbk[0]
+    weight, _, _ = comfy.model_patcher.get_key_weight(patcher.model, key)
+    return weight
+
+
+def shiftable_shapes(patcher, prefix: Optional[str] = None) -> dict:
+    """key -> shape for every weight a spectral shift can patch (>=2-D kernels, 1-D scales)."""
+    out = {}
+    for k, v in patcher.model.state_dict().items():
+        if prefix and not k.startswith(prefix):
+            continue
+        if not k.endswith(".weight") or v.ndim == 0:
+            continue
+        if not v.is_floating_point():
+            continue
+        out[k] = tuple(v.shape)
+    return out
+
+
+def architecture_of(model) -> str:
+    try:
+        return type(model.model.model_config).__name__
+    except AttributeError:
+        return "unknown"
+
+
+def combined_fingerprint(fps: dict) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for k in sorted(fps):
+        h.update(k.encode())
+        h.update(fps[k].encode())
+    return h.hexdigest()
+
+
+def build_adapters(patcher, shift: SpectralShift, keys, node: str, device=None):
+    """Adapters for ``keys`` of ``shift`` on ``patcher``, decomposing base weights as needed.
+
+    Returns (patches dict, fingerprints dict).  Shows a progress bar and honours interrupts
+    while decomposing; nothing is attached to any model here.
+    """
+    keys = list(keys)
+    cache = svd_cache()
+    device = device or compute_device()
+    pbar = progress(max(1, len(keys)))
+    patches, fps = {}, {}
+    for k in keys:
+        check_interrupt()
+        w = base_weight(patcher, k)
+        shape = tuple(shift.shapes[k])
+        if tuple(w.shape) != shape:
+            raise SVDiffNodeError(node, f"weight {k!r} is {list(w.shape)} in the model but {list(shape)} in the shift")
+        fp = weight_fingerprint(w)
+        fps[k] = fp
+        if is_spectral_shape(shape):
+            dec = cache.get(w, device=device, fp=fp)
+            patches[k] = SpectralShiftAdapter(shift.deltas[k], dec, shape)
+        else:
+            patches[k] = SpectralShiftAdapter(shift.deltas[k], None, shape)
+        pbar.update(1)
+    return patches, fps
+
+
+def patch_with_shift(patcher, shift: SpectralShift, strength: float, node: str, source: str, prefix: Optional[str] = None):
+    """A clone of ``patcher`` with ``shift`` attached (never the patcher itself).
+
+    Validates the shift against the model's weights first (refusing other architectures,
+    naming the first mismatching key) and decomposes before touching anything, so a failure
+    leaves nothing half patched.  Returns (clone, report dict).
+    """
+    model_shapes = shiftable_shapes(patcher, prefix)
+    part = {k: s for k, s in shift.shapes.items() if (prefix is None or k.startswith(prefix))}
+    sub = SpectralShift({k: shift.deltas[k] for k in part}, part, shift.metadata)
+    try:
+        matched = shiftfile.check_compatible(sub, model_shapes, source)
+    except shiftfile.ShiftFileError as e:
+        raise SVDiffNodeError(node, str(e)) from None
+    report = {"matched": len(matched), "total": len(part), "warnings": []}
+    if len(matched) < len(part):
+        msg = f"{len(part) - len(matched)} of {len(part)} keys of {source} are not in the model and were skipped"
+        report["warnings"].append(msg)
+        log.warning("[%s] %s", node, msg)
+    if strength == 0 or not matched:
+        return patcher.clone(), report
+    patches, fps = build_adapters(patcher, sub, matched, node)
+    want = shift.metadata.get("base_fingerprint")
+    if want and want != combined_fingerprint(fps):
+        msg = f"{source} was trained on other base weights of the same architecture; it is applied anyway"
+        report["warnings"].append(msg)
+        log.warning("[%s] %s", node, msg)
+    clone = patcher.clone()
+    added = clone.add_patches(patches, strength)
+    if len(added) != len(patches):
+        raise SVDiffNodeError(node, f"ComfyUI accepted only {len(added)} of {len(patches)} patches")
+    report["fingerprint"] = combined_fingerprint(fps)
+    return clone, report
+
+
+def model_fingerprint(patcher, keys) -> str:
+    return combined_fingerprint({k: weight_fingerprint(base_weight(patcher, k)) for k in keys})

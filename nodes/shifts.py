@@ -1,0 +1,205 @@
+"""Load / Apply / Save Spectral Shift: shift files in, patched MODEL/CLIP out."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..svdiff import shiftfile
+from ..svdiff.fileio import UnsafePathError, sanitize_prefix
+from ..svdiff.shift import SpectralShift
+from .adapter import UNET_PREFIX, patch_with_shift
+from .common import CATEGORY, SpectralShiftType, SVDiffNodeError, register_shift_folder, shift_files, shift_save_dir
+
+
+def split_model_and_clip_keys(shift: SpectralShift):
+    unet = [k for k in shift.deltas if k.startswith(UNET_PREFIX)]
+    other = [k for k in shift.deltas if not k.startswith(UNET_PREFIX)]
+    return unet, other
+
+
+def apply_shift(node: str, model, clip, shift: SpectralShift, strength_model: float, strength_clip: float, source: str):
+    """Patch clones of MODEL and CLIP with the UNet and text-encoder parts of ``shift``."""
+    if not isinstance(shift, SpectralShift):
+        raise SVDiffNodeError(node, f"expected a SPECTRAL_SHIFT, got {type(shift).__name__}")
+    unet_keys, clip_keys = split_model_and_clip_keys(shift)
+    if not unet_keys and not clip_keys:
+        raise SVDiffNodeError(node, f"{source} holds no weights")
+    if unet_keys and model is None:
+        raise SVDiffNodeError(node, f"{source} shifts the UNet but no MODEL is connected")
+    if clip_keys and not unet_keys and clip is None:
+        raise SVDiffNodeError(node, f"{source} shifts only the text encoder but no CLIP is connected")
+    # Validate both parts before patching either: nothing is patched half way.
+    new_model, new_clip = model, clip
+    if unet_keys and model is not None:
+        new_model, _ = patch_with_shift(model, shift, strength_model, node, source, prefix=UNET_PREFIX)
+    if clip_keys:
+        if clip is None:
+            from .common import log
+
+            log.warning("[%s] %s also shifts the text encoder (%d weights) but no CLIP is connected", node, source, len(clip_keys))
+        else:
+            sub = SpectralShift({k: shift.deltas[k] for k in clip_keys}, {k: shift.shapes[k] for k in clip_keys}, shift.metadata)
+            patched_patcher, _ = patch_with_shift(clip.patcher, sub, strength_clip, node, source)
+            new_clip = clip.clone()
+            new_clip.patcher = patched_patcher
+    return new_model, new_clip
+
+
+def read_shift_file(node: str, path: str, model=None, clip=None) -> SpectralShift:
+    """Read any shift file the pack knows, with errors that name the node and the file."""
+    try:
+        tensors, metadata, layout = shiftfile.load_raw(path)
+        if layout == shiftfile.FORMAT_NAME:
+            return shiftfile.shift_from_raw(path, tensors, metadata)
+        try:
+            from ..svdiff import interchange
+        except ImportError:
+            raise shiftfile.ShiftFileError(path, f"is in the {layout} layout, which this version cannot convert") from None
+        return interchange.shift_from_foreign(path, tensors, metadata, layout, model=model, clip=clip)
+    except shiftfile.ShiftFileError as e:
+        raise SVDiffNodeError(node, str(e)) from None
+
+
+class SVDiffLoadShift(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffLoadShift",
+            display_name="Load Spectral Shift",
+            category=CATEGORY,
+            description="Load an SVDiff spectral-shift file and patch MODEL/CLIP with it (chains with LoRAs).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch (a patched clone is returned; the input is not changed)."),
+                io.Clip.Input("clip", optional=True, tooltip="The text encoder to patch when the file also shifts it (optional)."),
+                io.Combo.Input("shift_name", options=shift_files(), tooltip="A spectral-shift .safetensors file from models/svdiff."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale s of the shift inside the ReLU: ReLU(sigma + s*delta). 0 = off, negative reverses the concept."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="The same scale for the text encoder's shifts."),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output(), SpectralShiftType.Output(display_name="SPECTRAL_SHIFT")],
+        )
+
+    @classmethod
+    def execute(cls, model, shift_name, strength_model, strength_clip, clip=None) -> io.NodeOutput:
+        node = "Load Spectral Shift"
+        try:
+            path = folder_paths.get_full_path_or_raise("svdiff", shift_name)
+        except Exception:
+            raise SVDiffNodeError(node, f"shift_name: file {shift_name!r} not found in models/svdiff") from None
+        shift = read_shift_file(node, path, model=model, clip=clip)
+        m, c = apply_shift(node, model, clip, shift, strength_model, strength_clip, os.path.basename(path))
+        return io.NodeOutput(m, c, shift)
+
+    @classmethod
+    def fingerprint_inputs(cls, shift_name, **kwargs):
+        try:
+            p = folder_paths.get_full_path("svdiff", shift_name)
+            st = os.stat(p)
+            return f"{p}:{st.st_mtime_ns}:{st.st_size}"
+        except Exception:
+            return shift_name
+
+
+class SVDiffApplyShift(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffApplyShift",
+            display_name="Apply Spectral Shift",
+            category=CATEGORY,
+            description="Patch MODEL/CLIP with a SPECTRAL_SHIFT flowing in the graph (from training or arithmetic).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to patch (a patched clone is returned)."),
+                SpectralShiftType.Input("shift", tooltip="The spectral shift to apply."),
+                io.Clip.Input("clip", optional=True, tooltip="The text encoder to patch when the shift also covers it (optional)."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale s of the shift inside the ReLU: ReLU(sigma + s*delta)."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="The same scale for the text encoder's shifts."),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, shift, strength_model, strength_clip, clip=None) -> io.NodeOutput:
+        m, c = apply_shift("Apply Spectral Shift", model, clip, shift, strength_model, strength_clip, "the connected shift")
+        return io.NodeOutput(m, c)
+
+
+def next_free_path(folder: str, prefix: str, ext: str = ".safetensors") -> tuple[str, str]:
+    """ComfyUI's numbered-filename convention: <prefix>_<counter:05>_.<ext>, first free number."""
+    full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder)
+    os.makedirs(full_folder, exist_ok=True)
+    while True:
+        name = f"{filename}_{counter:05}_{ext}"
+        path = os.path.join(full_folder, name)
+        if not os.path.lexists(path):
+            return path, os.path.join(subfolder, name) if subfolder else name
+        counter += 1
+
+
+def save_shift_numbered(node: str, shift: SpectralShift, filename_prefix: str, dtype: str = "float16") -> str:
+    """Save into models/svdiff under the next free number; atomic and never overwriting."""
+    if not isinstance(shift, SpectralShift):
+        raise SVDiffNodeError(node, f"expected a SPECTRAL_SHIFT, got {type(shift).__name__}")
+    try:
+        prefix = sanitize_prefix(filename_prefix)
+    except UnsafePathError as e:
+        raise SVDiffNodeError(node, str(e)) from None
+    folder = shift_save_dir()
+    try:
+        data = shiftfile.shift_to_bytes(shift, dtype)
+    except ValueError as e:
+        raise SVDiffNodeError(node, str(e)) from None
+    for _ in range(100):
+        path, rel = next_free_path(folder, prefix)
+        try:
+            from ..svdiff.fileio import atomic_write_bytes, is_within
+
+            if not is_within(path, folder):
+                raise SVDiffNodeError(node, f"filename_prefix {filename_prefix!r} would write outside models/svdiff")
+            atomic_write_bytes(path, data, overwrite=False)
+            register_shift_folder()
+            return path
+        except FileExistsError:
+            continue  # another writer took the number; take the next one
+    raise SVDiffNodeError(node, "could not find a free file name")
+
+
+class SVDiffSaveShift(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffSaveShift",
+            display_name="Save Spectral Shift",
+            category=CATEGORY,
+            description="Write a SPECTRAL_SHIFT to models/svdiff as a numbered .safetensors file (never overwrites).",
+            is_output_node=True,
+            inputs=[
+                SpectralShiftType.Input("shift", tooltip="The spectral shift to save."),
+                io.String.Input("filename_prefix", default="svdiff/shift",
+                                tooltip="Name (optionally with sub-folders) inside models/svdiff; a number is appended."),
+                io.Combo.Input("dtype", options=["float16", "float32"], default="float16",
+                               tooltip="Storage precision: float16 halves the file; float32 keeps delta exactly."),
+                io.String.Input("description", default="", multiline=True, optional=True,
+                                tooltip="Free text stored in the file's metadata (what the subject is, trigger words, ...)."),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+        )
+
+    @classmethod
+    def execute(cls, shift, filename_prefix, dtype, description="") -> io.NodeOutput:
+        if description:
+            shift = shift.copy()
+            shift.metadata["description"] = description
+        path = save_shift_numbered("Save Spectral Shift", shift, filename_prefix, dtype)
+        size = os.path.getsize(path)
+        text = f"saved {os.path.basename(path)} ({size / 1024:.1f} KiB, {len(shift)} weights) in {os.path.dirname(path)}"
+        return io.NodeOutput(path, ui=ui.PreviewText(text))
+
+
+NODES = [SVDiffLoadShift, SVDiffApplyShift, SVDiffSaveShift]
