@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-FAMILIES = ["shifts", "train", "cutmix", "editing", "arithmetic"]
+FAMILIES = ["shifts", "train", "cutmix", "guidance", "editing", "arithmetic"]
 
 
 def all_nodes() -> list:
