@@ -52,9 +52,13 @@ def register_pack_package(name: str) -> None:
 
     core = _il.import_module(name + ".svdiff")
     sys.modules.setdefault("svdiff", core)
-    for sub in ("decompose", "shift", "shiftfile", "fileio"):
-        m = _il.import_module(f"{name}.svdiff.{sub}")
-        sys.modules.setdefault(f"svdiff.{sub}", m)
+    # Import every core module under the pack's name and alias it as svdiff.<module>, so
+    # tests and nodes share the same module objects (and classes).
+    for fn in sorted(os.listdir(os.path.join(REPO, "svdiff"))):
+        if fn.endswith(".py") and fn != "__init__.py":
+            sub = fn[:-3]
+            m = _il.import_module(f"{name}.svdiff.{sub}")
+            sys.modules.setdefault(f"svdiff.{sub}", m)
 
 
 def alias_core_modules(name: str) -> None:
