@@ -65,6 +65,8 @@ def spectral_residual(dec: Decomposition, delta: torch.Tensor, strength: float =
     of U and rows of V^T are used (a rank-r shift costs m*n*r, not m*n*k).
     """
     r = int(delta.shape[0])
+    if r > dec.rank:
+        raise ValueError(f"delta has {r} entries but the weight has only {dec.rank} singular values")
     S = dec.S[:r].to(device=device, dtype=torch.float32)
     d = delta.to(device=device, dtype=torch.float32)
     change = torch.relu(S + strength * d) - S

@@ -84,10 +84,10 @@ def read_header(path: str) -> tuple[dict, dict, int]:
         raise ShiftFileError(path, f"file is {size} bytes, larger than any spectral shift ({MAX_FILE_BYTES} allowed)")
     with open(path, "rb") as f:
         head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise ShiftFileError(path, "is a pickle/zip (PyTorch .pt/.ckpt) file, not safetensors; it is not loaded")
         (n,) = struct.unpack("<Q", head)
         if n == 0 or n > size - 8:
+            if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+                raise ShiftFileError(path, "is a pickle/zip (PyTorch .pt/.ckpt) file, not safetensors; it is not loaded")
             raise ShiftFileError(path, f"header length {n} does not fit in a file of {size} bytes (truncated or not safetensors)")
         if n > MAX_HEADER_BYTES:
             raise ShiftFileError(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
