@@ -64,22 +64,23 @@ def svd_cache() -> SVDCache:
         return _CACHE
 
 
-_FP_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FP_MEMO: dict = {}  # id(tensor) -> (weakref to it, version counter, fingerprint)
 
 
 def weight_fingerprint(t: torch.Tensor) -> str:
     """Content hash of a weight, memoised per tensor object while it is unchanged."""
-    try:
-        hit = _FP_MEMO.get(t)
-    except TypeError:
-        hit = None
-    if hit is not None and hit[0] == t._version:
-        return hit[1]
+    if t.is_inference():
+        return fingerprint(t)  # no version counter to prove it unchanged: hash every time
+    hit = _FP_MEMO.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
     fp = fingerprint(t)
+    key = id(t)
     try:
-        _FP_MEMO[t] = (t._version, fp)
+        ref = weakref.ref(t, lambda _r, key=key: _FP_MEMO.pop(key, None))
     except TypeError:
-        pass
+        return fp
+    _FP_MEMO[key] = (ref, t._version, fp)
     return fp
 
 

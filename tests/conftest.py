@@ -54,3 +54,7 @@ def shift_dir(comfy):
     d = os.path.join(folder_paths.models_dir, "svdiff")
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def pytest_report_header(config):
+    return f"svdiff test ComfyUI base directory: {BASE}"

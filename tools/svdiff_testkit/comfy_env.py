@@ -98,6 +98,9 @@ def boot(base: str, extra_args=()) -> dict:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     try:
+        # main.py imports ComfyUI's `utils` package before `nodes` (which puts comfy/ first on
+        # sys.path, where comfy/utils.py would shadow it): do the same.
+        import utils.extra_config  # noqa: F401
         import folder_paths  # noqa: F401  (reads --base-directory)
         import execution  # noqa: F401
         import nodes
