@@ -11,9 +11,9 @@ Two algorithms give the same factors:
 
 * ``"svd"``: ``torch.linalg.svd`` in float32 (the reference);
 * ``"gram"``: eigendecomposition of the Gram matrix of the smaller side in float64
-  (W^T W = V diag(sigma^2) V^T), then U from a QR of W V, which keeps U orthonormal
-  even where sigma is (numerically) zero.  For the wide and tall matrices of a UNet it
-  is about twice as fast on a CPU and more accurate than the float32 SVD; see
+  (W^T W = V diag(sigma^2) V^T), then U = W V diag(1/sigma), completed by a QR where
+  sigma is numerically zero.  For the wide and tall matrices of a UNet it is 2-3x faster
+  on a CPU than ``torch.linalg.svd`` and at least as accurate; see
   ``bench/bench_decompose.py``.
 """
 
@@ -93,21 +93,27 @@ def _svd_reference(m: torch.Tensor):
 def _svd_gram(m: torch.Tensor):
     """SVD through the float64 Gram matrix of the smaller side.
 
-    For a wide matrix (m < n) decompose W^T instead, so the Gram matrix is always
-    k x k with k = min(m, n).  sigma_i = sqrt(lambda_i); V from the eigenvectors;
-    U from the QR of W V, whose R is diag(sigma) up to rounding and signs.
+    For a wide matrix (m < n) decompose W^T instead, so the Gram matrix is always k x k
+    with k = min(m, n): W^T W = V diag(sigma^2) V^T (``eigh``), sigma_i = sqrt(lambda_i),
+    and U = W V diag(1/sigma) -- one matrix product instead of a QR.  Columns whose sigma is
+    numerically zero (rank-deficient weights) have no defined direction; they are completed
+    to an orthonormal basis by a QR, so U is always orthonormal.
     """
     transpose = m.shape[0] < m.shape[1]
     a = (m.t() if transpose else m).double()  # tall: (p, k) with p >= k
-    gram = a.t() @ a
-    evals, evecs = torch.linalg.eigh(gram)
-    evals = evals.flip(0).clamp_min(0)
+    evals, evecs = torch.linalg.eigh(a.t() @ a)
+    S = evals.flip(0).clamp_min(0).sqrt()
     V = evecs.flip(1)
-    q, r = torch.linalg.qr(a @ V)  # a V = U diag(sigma)
-    d = torch.diagonal(r)
-    sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
-    U = q * sign
-    S = torch.sqrt(evals)
+    k = S.shape[0]
+    tol = S[0] * max(a.shape) * 1e-12 if k else 0.0
+    good = int((S > tol).sum()) if k else 0
+    U = torch.empty(a.shape[0], k, dtype=torch.float64, device=a.device)
+    U[:, :good] = (a @ V[:, :good]) / S[:good]
+    if good < k:  # complete the basis for the null directions
+        fill = torch.randn(a.shape[0], k - good, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(a.device)
+        q, _ = torch.linalg.qr(torch.cat([U[:, :good], fill], dim=1))
+        U[:, good:] = q[:, good:]
+        S[good:] = 0.0
     if transpose:
         # W = a^T = V diag(S) U^T
         return V.float(), S.float(), U.t().float()
