@@ -1,0 +1,246 @@
+"""DDIM inversion, DDIM sampling with eta, and slerp noise injection (paper Sec. 3.4, Eq. 6-7).
+
+Everything here works in the *variance-exploding* ("k-diffusion") parameterisation that
+ComfyUI's samplers use: a latent at noise level sigma is ``x = x0 + sigma * eps`` and the
+model is seen through a denoiser ``D(x, sigma) -> x0_hat``.  DDIM's variance-preserving
+latent is ``z_t = sqrt(abar_t) * x`` with ``sigma_t^2 = (1 - abar_t) / abar_t``, so a DDIM
+step in z is exactly an Euler step of the probability-flow ODE ``dx/dsigma = eps_hat`` in x
+(Song et al., "Denoising Diffusion Implicit Models", ICLR 2021, Eq. 12-14; Karras et al.
+2022, Sec. 4).  That is why ComfyUI's "ddim" sampler *is* its Euler sampler.
+
+- :func:`euler_step` / :func:`ddim_sample`: DDIM with eta (DDIM Eq. 12 and 16).
+- :func:`inverse_step` / :func:`ddim_invert`: Eq. 6, ``z_T = DDIMInvert(z*, c; theta')``,
+  the step that exactly mirrors :func:`euler_step`, with optional fixed-point refinement.
+- :func:`slerp` / :func:`slerp_noise`: Eq. 7, with the sigma-scale normalisation.
+
+Plain PyTorch; no ComfyUI.  A *denoiser* is any callable ``denoise(x, sigma) -> x0_hat``
+with ``sigma`` a 0-dim tensor (the glue in ``nodes/editing.py`` wraps ComfyUI's guider).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Optional[Callable[..., None]]
+
+
+class InversionError(ValueError):
+    """An input the inversion/slerp math cannot use (zero or non-finite latent, bad sigmas)."""
+
+
+# ---------------------------------------------------------------------------------------
+# DDIM sampling with eta
+# ---------------------------------------------------------------------------------------
+
+
+def ddim_eta_sigmas(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of one DDIM(eta) step from ``sigma`` to ``sigma_next``.
+
+    DDIM Eq. 16 defines the noise std of a step t -> t-1 in the VP latent as
+    ``s_t(eta) = eta * sqrt((1 - abar_{t-1}) / (1 - abar_t)) * sqrt(1 - abar_t / abar_{t-1})``
+    and DDIM Eq. 12 moves the deterministic part to ``sqrt(1 - abar_{t-1} - s_t^2) * eps``.
+    Dividing by ``sqrt(abar_{t-1})`` and substituting ``abar = 1 / (1 + sigma^2)`` gives, in
+    the VE latent,
+
+        sigma_up   = eta * sqrt(sigma_next^2 * (sigma^2 - sigma_next^2) / sigma^2)
+        sigma_down = sqrt(sigma_next^2 - sigma_up^2)
+
+    so that ``x_next = x0_hat + sigma_down * eps_hat + sigma_up * z``, z ~ N(0, I).
+    ``eta`` must lie in [0, 1] (1 = the DDPM posterior variance).
+    """
+    eta = float(eta)
+    if not (0.0 <= eta <= 1.0) or math.isnan(eta):
+        raise InversionError(f"eta must be in [0, 1], got {eta}")
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    if eta == 0.0 or sigma_next <= 0.0 or sigma <= 0.0 or sigma_next >= sigma:
+        return sigma_next, 0.0
+    up = eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    up = min(up, sigma_next)
+    down = math.sqrt(max(sigma_next**2 - up**2, 0.0))
+    return down, up
+
+
+def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step (eta = 0), written as the Euler step ComfyUI's "ddim" takes.
+
+    ``x_next = x + (x - D(x, sigma)) / sigma * (sigma_next - sigma)``: DDIM Eq. 12 with
+    sigma_t = 0, in the VE parameterisation (DDIM Eq. 14).  Same operations in the same order
+    as ComfyUI's ``sample_euler``, so the results agree bit for bit.
+    """
+    d = (x - denoised) / sigma
+    return x + d * (sigma_next - sigma)
+
+
+@torch.no_grad()
+def ddim_sample(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    eta: float = 0.0,
+    noise: Optional[Callable[[int], torch.Tensor]] = None,
+    callback: StepCallback = None,
+) -> torch.Tensor:
+    """DDIM sampling with eta (DDIM Eq. 12 and 16) along descending ``sigmas``.
+
+    Each step evaluates ``D(x, sigma_i)``, moves deterministically to ``sigma_down`` and adds
+    ``sigma_up * noise(i)`` (see :func:`ddim_eta_sigmas`).  ``noise(i)`` must return a unit
+    Gaussian tensor of x's shape; it is only called when eta > 0 and sigma_up > 0.
+    ``callback(i, x, denoised)`` runs after each model evaluation.
+    With eta = 0 this is :func:`euler_step` repeated, i.e. ComfyUI's "ddim".
+    """
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, sigma)
+        if callback is not None:
+            callback(i, x, denoised)
+        if eta == 0:
+            x = euler_step(x, denoised, sigma, sigma_next)
+            continue
+        down, up = ddim_eta_sigmas(float(sigma), float(sigma_next), eta)
+        x = euler_step(x, denoised, sigma, sigma_next.new_tensor(down))
+        if up > 0:
+            if noise is None:
+                raise InversionError("eta > 0 needs a noise source")
+            x = x + noise(i).to(device=x.device, dtype=x.dtype) * up
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# DDIM inversion (Eq. 6)
+# ---------------------------------------------------------------------------------------
+
+
+def inverse_step(
+    denoise: Denoiser,
+    x_lo: torch.Tensor,
+    sigma_lo: torch.Tensor,
+    sigma_hi: torch.Tensor,
+    refine_iterations: int = 0,
+    on_eval: Optional[Callable[[], None]] = None,
+) -> torch.Tensor:
+    """Invert one :func:`euler_step`: find ``x_hi`` with ``euler_step(x_hi, D(x_hi, sigma_hi), sigma_hi, sigma_lo) = x_lo``.
+
+    That is the fixed point ``x_hi = x_lo + (sigma_hi - sigma_lo) * eps_hat(x_hi, sigma_hi)``
+    with ``eps_hat(x, sigma) = (x - D(x, sigma)) / sigma``.  Plain DDIM inversion (Eq. 6, as
+    in DDIM Sec. 4.3 and diffusers' DDIMInverseScheduler) approximates the unknown
+    ``eps_hat(x_hi, sigma_hi)`` by ``eps_hat(x_lo, sigma_hi)``: the model is evaluated at the
+    known latent but at the *target* level, so it never divides by sigma_lo (which is 0 at
+    the clean end).  ``refine_iterations`` > 0 then iterates the fixed point, each iteration
+    one more model evaluation, so that sampling back retraces the path far more closely.
+    """
+    if float(sigma_hi) <= 0.0:
+        raise InversionError(f"inverse step needs sigma_hi > 0, got {float(sigma_hi)}")
+    dt = sigma_lo - sigma_hi  # the forward step's (negative) increment, mirrored below
+
+    def step_from(x_eval):
+        if on_eval is not None:
+            on_eval()
+        d = (x_eval - denoise(x_eval, sigma_hi)) / sigma_hi
+        return x_lo - d * dt
+
+    x_hi = step_from(x_lo)
+    for _ in range(int(refine_iterations)):
+        x_hi = step_from(x_hi)
+    return x_hi
+
+
+@torch.no_grad()
+def ddim_invert(
+    denoise: Denoiser,
+    x0: torch.Tensor,
+    sigmas: torch.Tensor,
+    refine_iterations: int = 0,
+    callback: StepCallback = None,
+    on_eval: Optional[Callable[[], None]] = None,
+) -> torch.Tensor:
+    """Eq. 6: ``z_T = DDIMInvert(z*, c; theta')`` along the *sampling* sigmas (descending).
+
+    ``x0`` is the latent at ``sigmas[-1]`` (normally 0, a clean VAE-encoded latent); the
+    result is the latent at ``sigmas[0]`` from which :func:`ddim_sample` with eta = 0 on the
+    same sigmas (ComfyUI's "ddim"/Euler) walks back to ``x0``.  Steps are inverted from the
+    last to the first with :func:`inverse_step`; ``callback(k, x)`` runs after each of them.
+    """
+    sig = [s for s in sigmas]
+    for a, b in zip(sig[:-1], sig[1:]):
+        if not float(a) > float(b):
+            raise InversionError("sigmas must be strictly decreasing (the order a sampler uses them)")
+    x = x0
+    n = len(sig) - 1
+    for k in range(n):
+        i = n - 1 - k  # invert sampler step i: sigmas[i] -> sigmas[i + 1]
+        x = inverse_step(denoise, x, sig[i + 1], sig[i], refine_iterations, on_eval)
+        if callback is not None:
+            callback(k, x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# Slerp noise injection (Eq. 7)
+# ---------------------------------------------------------------------------------------
+
+
+def check_latent(z: torch.Tensor, what: str = "latent") -> None:
+    """Refuse latents the slerp cannot use: non-finite values or an all-zero sample."""
+    if not torch.isfinite(z).all():
+        raise InversionError(f"{what} contains NaN or infinite values")
+    flat = z.reshape(z.shape[0], -1) if z.ndim > 0 else z.reshape(1, 1)
+    zero = (flat.abs().amax(dim=1) == 0).nonzero().flatten().tolist()
+    if zero:
+        raise InversionError(f"{what} sample(s) {zero} are all zeros: there is no direction to interpolate from")
+
+
+def slerp(alpha: float, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: ``sin((1-a) phi)/sin(phi) z + sin(a phi)/sin(phi) eps``, ``phi = arccos(cos(z, eps))``.
+
+    Per sample: the first dimension is the batch and every sample gets its own angle.  Where
+    the two are (numerically) parallel the formula's limit, linear interpolation, is used.
+    ``alpha`` = 0 returns ``z`` and ``alpha`` = 1 returns ``eps``, both exactly.
+    """
+    alpha = float(alpha)
+    if alpha == 0.0:
+        return z.clone()
+    if alpha == 1.0:
+        return eps.clone()
+    b = z.shape[0]
+    zf = z.reshape(b, -1).double()
+    ef = eps.reshape(b, -1).double()
+    cos = (zf * ef).sum(1) / (zf.norm(dim=1) * ef.norm(dim=1))
+    phi = torch.arccos(cos.clamp(-1.0, 1.0))
+    sin = torch.sin(phi)
+    par = sin.abs() < 1e-6
+    safe = torch.where(par, torch.ones_like(sin), sin)
+    wa = torch.where(par, torch.full_like(sin, 1.0 - alpha), torch.sin((1.0 - alpha) * phi) / safe)
+    wb = torch.where(par, torch.full_like(sin, alpha), torch.sin(alpha * phi) / safe)
+    out = wa[:, None] * zf + wb[:, None] * ef
+    return out.reshape(z.shape).to(z.dtype)
+
+
+def slerp_noise(z_T: torch.Tensor, eps: torch.Tensor, alpha: float, sigma_start: float) -> torch.Tensor:
+    """Eq. 7 at the sigma the latent was inverted to: ``s * slerp(alpha, z_T / s, eps)``, ``s = sqrt(sigma^2 + 1)``.
+
+    ``z_T`` is the inverted latent in the model's (VE) latent space at ``sigma_start``, the
+    first sigma the sampler will use; ``eps`` is unit Gaussian noise.  Dividing by ``s``
+    brings ``z_T`` to the unit scale of ``eps`` (DDIM's VP latent ``sqrt(abar) x`` with
+    ``abar = 1 / (1 + sigma^2)``), so ``alpha`` = 1 gives ``s * eps``, exactly the noise a
+    sampler starts from at ``sigma_start``, and ``alpha`` = 0.5 is a true half-way point.
+    """
+    check_latent(z_T, "inverted latent")
+    if eps.shape != z_T.shape:
+        raise InversionError(f"noise shape {tuple(eps.shape)} differs from the latent's {tuple(z_T.shape)}")
+    alpha = float(alpha)
+    if not (0.0 <= alpha <= 1.0):
+        raise InversionError(f"alpha must be in [0, 1], got {alpha}")
+    sigma_start = float(sigma_start)
+    if not math.isfinite(sigma_start) or sigma_start < 0:
+        raise InversionError(f"sigma must be finite and >= 0, got {sigma_start}")
+    if alpha == 0.0:
+        return z_T.clone()
+    s = math.sqrt(sigma_start**2 + 1.0)
+    if alpha == 1.0:
+        return eps.to(z_T.dtype) * s
+    return slerp(alpha, z_T / s, eps.to(z_T.dtype)) * s
