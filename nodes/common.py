@@ -18,6 +18,10 @@ CATEGORY = "SVDiff"
 # The value type carried between the pack's nodes: an svdiff.shift.SpectralShift.
 SpectralShiftType = io.Custom("SPECTRAL_SHIFT")
 
+# A multi-subject training set (svdiff.cutmix.CutMixTrainingSet) from the Cut-Mix Builder,
+# accepted by SVDiff Train instead of plain images.
+TrainingSetType = io.Custom("SVDIFF_TRAINING_SET")
+
 
 class SVDiffNodeError(ValueError):
     """An error shown in ComfyUI that names the node and what is wrong."""
