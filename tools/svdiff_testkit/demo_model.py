@@ -1,0 +1,118 @@
+"""The demo model and demo files, set up for ``make demo``, ``make serve`` and the tests only.
+
+A plain install of the pack never imports this: the demo-only custom node package
+``tools/demo_nodes`` calls :func:`install` when ComfyUI loads it, and the harness links that
+package into a private ComfyUI base directory with :func:`link_demo_nodes`.
+
+:func:`install` (inside a running ComfyUI):
+  * registers the demo model type with ComfyUI's checkpoint detection: the pretrained toy
+    model of ``tools/toyworld`` when its weights are present, else the tiny random model of
+    :mod:`svdiff_testkit.tiny`;
+  * writes/links the demo checkpoint into ``models/checkpoints``;
+  * copies the pack's sample pictures (``assets/*.png``) into ComfyUI's ``input/`` folder,
+    where LoadImage lists them.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import shutil
+import sys
+
+TOOLS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(TOOLS)
+ASSETS = os.path.join(REPO, "assets")
+WORKFLOWS = os.path.join(REPO, "workflows")
+DEMO_NODES_DIR = os.path.join(TOOLS, "demo_nodes")
+DEMO_NODES_LINK = "SVDiffDemoModel"
+TINY_CKPT = "svdiff_demo_tiny.safetensors"
+TOY_CKPT = "toyworld.safetensors"
+# The checkpoint name the bundled workflows use (what an SD1.5 user has).
+WORKFLOW_CKPT = "v1-5-pruned-emaonly.safetensors"
+
+
+def toyworld_weights() -> str | None:
+    p = os.path.join(TOOLS, "toyworld", "weights", TOY_CKPT)
+    if os.path.isfile(p) and os.path.isfile(os.path.join(TOOLS, "toyworld", "__init__.py")):
+        return p
+    return None
+
+
+def demo_kind() -> str:
+    """``"toyworld"`` when the pretrained toy model is in the tree, else ``"tiny"``."""
+    return "toyworld" if toyworld_weights() else "tiny"
+
+
+def demo_checkpoint_name() -> str:
+    return TOY_CKPT if demo_kind() == "toyworld" else TINY_CKPT
+
+
+def link_demo_nodes(base: str) -> str:
+    """Link ``tools/demo_nodes`` into ``<base>/custom_nodes`` (the harness's ComfyUI only)."""
+    cn = os.path.join(base, "custom_nodes")
+    os.makedirs(cn, exist_ok=True)
+    link = os.path.join(cn, DEMO_NODES_LINK)
+    if not os.path.lexists(link):
+        os.symlink(DEMO_NODES_DIR, link)
+    return link
+
+
+def register_model_type() -> str:
+    """Put the demo architecture first in ComfyUI's checkpoint detection list."""
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)
+    if demo_kind() == "toyworld":
+        toy = importlib.import_module("toyworld")
+        toy.register()
+        return "toyworld"
+    from svdiff_testkit import tiny
+
+    tiny.register_tiny_sd()
+    return "tiny"
+
+
+def ensure_checkpoint(folder: str | None = None) -> str:
+    """The demo checkpoint in ``models/checkpoints`` (written once; atomic)."""
+    import folder_paths
+
+    folder = folder or folder_paths.get_folder_paths("checkpoints")[0]
+    os.makedirs(folder, exist_ok=True)
+    name = demo_checkpoint_name()
+    dest = os.path.join(folder, name)
+    if os.path.exists(dest):
+        return dest
+    tmp = dest + f".partial-{os.getpid()}"
+    if demo_kind() == "toyworld":
+        shutil.copyfile(toyworld_weights(), tmp)
+    else:
+        from svdiff_testkit import tiny
+
+        tiny.write_checkpoint(tmp, seed=0)
+    os.replace(tmp, dest)
+    getattr(folder_paths, "filename_list_cache", {}).pop("checkpoints", None)
+    return dest
+
+
+def copy_assets(input_dir: str | None = None) -> list[str]:
+    """Copy the pack's sample pictures into ComfyUI's input folder (LoadImage lists them)."""
+    import folder_paths
+
+    input_dir = input_dir or folder_paths.get_input_directory()
+    os.makedirs(input_dir, exist_ok=True)
+    out = []
+    for src in sorted(glob.glob(os.path.join(ASSETS, "*.png"))):
+        dest = os.path.join(input_dir, os.path.basename(src))
+        if not os.path.exists(dest) or os.path.getsize(dest) != os.path.getsize(src):
+            shutil.copyfile(src, dest)
+        out.append(dest)
+    return out
+
+
+def install() -> dict:
+    """Everything the demo needs inside a running ComfyUI (idempotent)."""
+    kind = register_model_type()
+    ckpt = ensure_checkpoint()
+    images = copy_assets()
+    return {"kind": kind, "checkpoint": ckpt, "checkpoint_name": os.path.basename(ckpt), "images": images}
