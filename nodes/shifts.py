@@ -55,7 +55,7 @@ def read_shift_file(node: str, path: str, model=None, clip=None) -> SpectralShif
         if layout == shiftfile.FORMAT_NAME:
             return shiftfile.shift_from_raw(path, tensors, metadata)
         try:
-            from ..svdiff import interchange
+            from . import interchange
         except ImportError:
             raise shiftfile.ShiftFileError(path, f"is in the {layout} layout, which this version cannot convert") from None
         return interchange.shift_from_foreign(path, tensors, metadata, layout, model=model, clip=clip)
