@@ -113,7 +113,7 @@ def read_header(path: str) -> tuple[dict, dict, int]:
         if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"} or len(info) != 3:
             raise ShiftFileError(path, f"tensor entry {key!r} is malformed")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise ShiftFileError(path, f"tensor {key!r} has dtype {dtype!r}; only float16/bfloat16/float32/float64 are allowed")
         if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape)):
             raise ShiftFileError(path, f"tensor {key!r} has an invalid shape {shape!r}")
@@ -196,9 +196,9 @@ def _json_field(path: str, metadata: dict, name: str, default):
     if raw is None or raw == "":
         return default
     try:
-        return json.loads(raw)
-    except ValueError:
-        raise ShiftFileError(path, f"metadata field {name!r} is not valid JSON") from None
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:  # also duplicate keys and hostile nesting depth
+        raise ShiftFileError(path, f"metadata field {name!r} is not valid JSON: {str(e)[:200]}") from None
 
 
 def shift_from_raw(path: str, tensors: dict, metadata: dict) -> SpectralShift:
