@@ -116,3 +116,28 @@ def install() -> dict:
     ckpt = ensure_checkpoint()
     images = copy_assets()
     return {"kind": kind, "checkpoint": ckpt, "checkpoint_name": os.path.basename(ckpt), "images": images}
+
+
+# Step counts and sizes for the demo model on 2 CPU cores (a real checkpoint uses the
+# workflows' own settings).  Inputs named like this are capped on every node that has them.
+DEMO_CAPS = {"steps": 4, "train_steps": 30, "max_steps": 30, "num_prior_images": 2, "prior_images": 2}
+DEMO_SIZE = 64  # pixels: an 8x8 latent for the SD-style demo model
+
+
+def shrink_prompt(prompt: dict, caps: dict | None = None, size: int = DEMO_SIZE) -> dict:
+    """A copy of an API prompt with step counts capped and image sizes set to ``size``."""
+    import copy
+
+    caps = dict(DEMO_CAPS, **(caps or {}))
+    out = copy.deepcopy(prompt)
+    for entry in out.values():
+        inp = entry["inputs"]
+        for k, cap in caps.items():
+            v = inp.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and v > cap:
+                inp[k] = cap
+        if entry["class_type"] in ("EmptyLatentImage", "ImageScale", "SVDiffCutMixBuilder") or "resolution" in inp:
+            for k in ("width", "height", "resolution"):
+                if isinstance(inp.get(k), int) and inp[k] > size:
+                    inp[k] = size
+    return out

@@ -1,0 +1,154 @@
+"""The pack in ComfyUI's real server (``main.py`` on a free loopback port, --cpu).
+
+One server for the module: /object_info lists every pack node with inputs and tooltips,
+/api/workflow_templates lists and serves the bundled workflows, and bundled workflows
+POSTed to /prompt (converted, demo checkpoint, few steps, tiny latents) finish and write
+their outputs.  The server is stopped with Ctrl-C and must exit by itself.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tempfile
+
+import pytest
+import torch
+
+from svdiff_testkit import demo_model
+from svdiff_testkit import workflow as W
+from svdiff_testkit.server import ComfyServer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WF_DIR = os.path.join(REPO, "workflows")
+PACK_MODULE = "custom_nodes.ComfyUI-SVDiff"
+
+
+def pack_node_ids_from_source() -> set:
+    """Node ids declared in nodes/*.py (independent of what the server reports)."""
+    ids = set()
+    for p in glob.glob(os.path.join(REPO, "nodes", "*.py")):
+        with open(p, encoding="utf-8") as f:
+            ids |= set(re.findall(r'node_id\s*=\s*"([A-Za-z0-9_]+)"', f.read()))
+    return ids
+
+
+@pytest.fixture(scope="module")
+def server(comfy):
+    base = tempfile.mkdtemp(prefix="svdiff-server-")
+    # a spectral shift for the demo model where workflow 02 looks for it
+    from svdiff import shiftfile
+    from svdiff.shift import SpectralShift, delta_length
+    from svdiff_testkit import tiny
+    from svdiff_testkit.comfy_env import pack_module, prepare_base_dir
+
+    prepare_base_dir(base)
+    mp, _ = tiny.build(seed=0)
+    shapes = pack_module("nodes.adapter").shiftable_shapes(mp, "diffusion_model.")
+    g = torch.Generator().manual_seed(5)
+    deltas = {k: torch.randn(delta_length(s), generator=g) * 0.02 for k, s in shapes.items()}
+    os.makedirs(os.path.join(base, "models", "svdiff"), exist_ok=True)
+    shiftfile.save_shift(SpectralShift(deltas, shapes, {"architecture": "TinySD"}),
+                         os.path.join(base, "models", "svdiff", "my_subject_00001_.safetensors"))
+    s = ComfyServer(base, start_timeout=120)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop(timeout=30)
+
+
+def test_server_loads_pack_and_demo_nodes_without_import_failure(server):
+    bad = [line for line in server.log_text().splitlines()
+           if ("IMPORT FAILED" in line or "Cannot import" in line or "Skip " in line)
+           and ("ComfyUI-SVDiff" in line or demo_model.DEMO_NODES_LINK in line)]
+    assert not bad, bad
+    assert "[svdiff demo] demo model" in server.log_text() or os.path.isdir(os.path.join(server.base, "models"))
+    assert os.path.isfile(os.path.join(server.base, "models", "checkpoints", demo_model.demo_checkpoint_name()))
+    assert os.path.isfile(os.path.join(server.base, "input", "robot_01.png"))
+
+
+def test_object_info_lists_every_pack_node_with_tooltips(server):
+    info = server.get_json("/object_info")
+    ours = {k for k, v in info.items() if str(v.get("python_module", "")).startswith(PACK_MODULE)}
+    declared = pack_node_ids_from_source()
+    assert declared and ours == declared, (sorted(ours), sorted(declared))
+    for nid in ours:
+        d = info[nid]
+        assert d["category"].startswith("SVDiff"), nid
+        assert d["display_name"] and d["description"], nid
+        n_inputs = 0
+        for section in ("required", "optional"):
+            for name, spec in (d["input"].get(section) or {}).items():
+                n_inputs += 1
+                opts = spec[1] if len(spec) > 1 else {}
+                assert isinstance(opts.get("tooltip"), str) and len(opts["tooltip"]) > 10, f"{nid}.{name} has no tooltip"
+        assert n_inputs > 0, nid
+    # the demo checkpoint is listed for the loader, the demo nodes add no node
+    assert demo_model.demo_checkpoint_name() in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert not any(str(v.get("python_module", "")).endswith(demo_model.DEMO_NODES_LINK) for v in info.values())
+
+
+def test_workflow_templates_list_and_serve_the_bundled_workflows(server):
+    listing = server.get_json("/api/workflow_templates")
+    names = sorted(os.path.splitext(os.path.basename(p))[0] for p in W.workflow_files(WF_DIR))
+    assert sorted(listing.get("ComfyUI-SVDiff", [])) == names
+    for name in names:
+        served = server.get_json(f"/api/workflow_templates/ComfyUI-SVDiff/{name}.json")
+        assert served == W.load(os.path.join(WF_DIR, name + ".json"))
+
+
+def run_workflow(server, name: str, timeout: float = 100.0):
+    defs = server.get_json("/object_info")  # the converter works from the server's own definitions
+    prompt = W.to_prompt(os.path.join(WF_DIR, name), defs, replace={"ckpt_name": demo_model.demo_checkpoint_name()})
+    prompt = demo_model.shrink_prompt(prompt)
+    pid = server.queue(prompt)
+    entry = server.wait(pid, timeout=timeout)
+    files = server.output_files(entry)
+    return entry, files
+
+
+RUNNABLE = [n for n in ("01_single_subject.json", "02_load_shift.json", "04_single_image_editing.json",
+                        "05_combine_interpolate.json") if os.path.isfile(os.path.join(WF_DIR, n))]
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_workflow_runs_through_prompt_endpoint(server, name):
+    entry, files = run_workflow(server, name)
+    assert entry["status"]["completed"], entry["status"]
+    images = [f for f in files if f.endswith(".png")]
+    assert images, entry["outputs"]
+    for f in images:
+        assert os.path.isfile(f) and os.path.getsize(f) > 100, f
+
+
+def test_missing_shift_file_fails_with_node_and_field_named(server):
+    """ComfyUI 0.3.75's validate_prompt does not check V3 combo values (their type is
+    "COMBO", options in the extra info), so a missing shift file gets past /prompt: it must
+    then fail at run time with an error naming the node and the field, and our workflow
+    validator must catch it before that."""
+    defs = server.get_json("/object_info")
+    rep = {"ckpt_name": demo_model.demo_checkpoint_name(), "shift_name": "no_such_shift.safetensors"}
+    path = os.path.join(WF_DIR, "02_load_shift.json")
+    problems = W.validate_workflow(path, defs, replace=rep)
+    assert any("shift_name" in p and "no_such_shift" in p for p in problems), problems
+    prompt = demo_model.shrink_prompt(W.to_prompt(path, defs, replace=rep))
+    status, body = server.post_json("/prompt", {"prompt": prompt})
+    if status == 400:  # a later ComfyUI that validates V3 combos refuses it up front
+        assert "shift_name" in str(body["node_errors"])
+        return
+    with pytest.raises(AssertionError) as e:
+        server.wait(body["prompt_id"], timeout=60)
+    assert "Load Spectral Shift" in str(e.value) and "shift_name" in str(e.value)
+
+
+def test_server_stops_cleanly_on_ctrl_c(server):
+    """Last test of the module: Ctrl-C stops the shared server by itself, in time."""
+    import time
+
+    t0 = time.monotonic()
+    rc = server.stop(timeout=30)
+    assert server.proc.poll() is not None
+    assert time.monotonic() - t0 < 30, "needed SIGTERM/SIGKILL"
+    assert rc in (0, -2, 130), (rc, server.log_tail())
