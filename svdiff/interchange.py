@@ -185,7 +185,7 @@ def project_weight_delta(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, del
     Ud, Vd, Sd = U.double(), Vh.double(), S.double()
     delta = ((Ud.t() @ dw) * Vd).sum(dim=1)
     energy = float((dw * dw).sum())
-    kept = float((delta * delta).sum())
+    kept = min(energy, float((delta * delta).sum()))  # <= energy; float16 factors are only nearly orthonormal
     c = torch.relu(Sd + delta) - Sd
     applied_err = max(0.0, energy - 2.0 * float((c * delta).sum()) + float((c * c).sum()))
     stats = {"energy": energy, "kept": kept, "applied_error": applied_err, "clamped": int((Sd + delta < 0).sum())}
@@ -246,7 +246,7 @@ def lora_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, delta: torc
     if len(shape) > 2:
         down = down.reshape(r, *shape[1:])
         up = up.reshape(shape[0], r, *([1] * (len(shape) - 2)))
-    err = math.sqrt(max(0.0, energy - kept) / energy) if energy > 0 else 0.0
+    err = math.sqrt(max(0.0, energy - kept) / energy) if (energy > 0 and r < nz) else 0.0
     return up.contiguous(), down.contiguous(), {"rank": r, "full_rank": nz, "energy": energy, "error": err}
 
 
