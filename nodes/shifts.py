@@ -63,6 +63,18 @@ def read_shift_file(node: str, path: str, model=None, clip=None) -> SpectralShif
         raise SVDiffNodeError(node, str(e)) from None
 
 
+def _existing_non_file(shift_name: str):
+    """A directory, FIFO, device or broken link under that name in models/svdiff (never opened):
+    its path, so that read_shift_file names what it is instead of "not found"."""
+    rel = os.path.relpath(os.path.join("/", str(shift_name)), "/")
+    register_shift_folder()
+    for base in folder_paths.get_folder_paths("svdiff"):
+        p = os.path.join(base, rel)
+        if os.path.lexists(p):
+            return p
+    return None
+
+
 class SVDiffLoadShift(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -89,7 +101,9 @@ class SVDiffLoadShift(io.ComfyNode):
         try:
             path = folder_paths.get_full_path_or_raise("svdiff", shift_name)
         except Exception:
-            raise SVDiffNodeError(node, f"shift_name: file {shift_name!r} not found in models/svdiff") from None
+            path = _existing_non_file(shift_name)
+            if path is None:
+                raise SVDiffNodeError(node, f"shift_name: file {shift_name!r} not found in models/svdiff") from None
         shift = read_shift_file(node, path, model=model, clip=clip)
         m, c = apply_shift(node, model, clip, shift, strength_model, strength_clip, os.path.basename(path))
         return io.NodeOutput(m, c, shift)
