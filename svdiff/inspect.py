@@ -140,9 +140,10 @@ def draw_heatmap(matrix: torch.Tensor, labels: Sequence[str], cell: int = 64):
     lw = max([_text_w(probe, s, font) for s in labels] + [20]) + 10
     top = 40
     w, h = lw + n * cell + 10, top + 20 + n * cell + 10
-    img = Image.new("RGB", (max(w, 260), h), "white")
+    title = "cosine similarity of delta, averaged over layers"
+    img = Image.new("RGB", (max(w, _text_w(probe, title, font) + 12), h), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((4, 4), "cosine similarity of delta, averaged over layers", fill="black", font=font)
+    draw.text((4, 4), title, fill="black", font=font)
     for j, s in enumerate(labels):
         draw.text((lw + j * cell + 4, top), s[: max(3, cell // 7)], fill="black", font=font)
     for i in range(n):

@@ -212,3 +212,46 @@ def test_combine_node_errors_name_node_and_field(comfy):
         node.execute(mode="rank limit", shift_a=a, **{**base, "rank": 99})
     out = node.execute(mode="interpolate", shift_a=a, shift_b=b, shift_c=c, **{**base, "weight_a": 0.25, "weight_b": 0.25, "weight_c": 0.5})
     assert out.args[0].metadata["history"][-1]["op"] == "interpolate"
+
+
+def test_graph_combine_inspect_export_through_executor(comfy, shift_dir):
+    """Checkpoint -> 2x Load Spectral Shift -> Combine (add) -> Inspect and Export as LoRA, through PromptExecutor."""
+    import os
+
+    import folder_paths
+    import svdiff.shiftfile as F
+    from svdiff_testkit import tiny as tiny_mod
+    from svdiff_testkit.comfy_env import pack_module, run_prompt
+
+    tiny_mod.register_tiny_sd()
+    ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
+    os.makedirs(ckpt_dir, exist_ok=True)
+    ckpt = os.path.join(ckpt_dir, "tiny_sd.safetensors")
+    if not os.path.exists(ckpt):
+        tiny_mod.write_checkpoint(ckpt)
+    mp, _ = tiny_mod.build(seed=0)
+    shapes = pack_module("nodes.adapter").shiftable_shapes(mp, "diffusion_model.")
+    keys = [k for k in shapes if ".attn2." in k]
+    for seed, name in ((1, "arith_a"), (2, "arith_b")):
+        g = torch.Generator().manual_seed(seed)
+        sh = SpectralShift({k: torch.randn(delta_length(shapes[k]), generator=g) * 0.1 for k in keys},
+                           {k: shapes[k] for k in keys}, {"architecture": "TinySD", "subset": "UNet-CA"})
+        F.save_shift(sh, os.path.join(shift_dir, "tests", f"{name}.safetensors"), overwrite=True)
+    load = lambda n: {"class_type": "SVDiffLoadShift", "inputs": {"model": ["1", 0], "clip": ["1", 1], "shift_name": f"tests/{n}.safetensors",
+                                                                  "strength_model": 1.0, "strength_clip": 1.0}}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd.safetensors"}},
+        "2": load("arith_a"),
+        "3": load("arith_b"),
+        "4": {"class_type": "SVDiffCombineShifts", "inputs": {"mode": "add", "shift_a": ["2", 2], "shift_b": ["3", 2], "weight_a": 0.5, "weight_b": 0.5,
+                                                              "weight_c": 1.0, "weight_d": 1.0, "alpha": 0.5, "scale": 1.0, "rank": 4,
+                                                              "preset": "(pattern only)", "pattern": ""}},
+        "5": {"class_type": "SVDiffInspectShift", "inputs": {"shift_a": ["2", 2], "shift_b": ["3", 2], "shift_c": ["4", 0]}},
+        "6": {"class_type": "SVDiffToLoRA", "inputs": {"shift": ["4", 0], "model": ["1", 0], "rank": 2, "filename_prefix": "tests/combined",
+                                                       "folder": "output/loras"}},
+    }
+    ex, outputs = run_prompt(prompt)
+    assert ex.success, ex.status_messages
+    assert outputs["5"]["images"][0]["filename"].endswith(".png")
+    out_dir = os.path.join(folder_paths.get_output_directory(), "loras", "tests")
+    assert any(f.startswith("combined_") for f in os.listdir(out_dir))
