@@ -71,6 +71,17 @@ PYEOF
   fi
 fi
 
+# Browser tests (tests/test_browser.py): Debian's Chromium, driven by Python playwright from
+# requirements-dev.txt with executable_path=/usr/bin/chromium (never `playwright install`,
+# which downloads a browser).  Installed through apt when missing and we are root; otherwise
+# the browser tests skip with a loud reason.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  log "installing Debian chromium for the browser tests"
+  if ! { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; then
+    log "could not install chromium: the browser tests will be skipped"
+  fi
+fi
+
 mkdir -p "$COMFY/custom_nodes"
 LINK="$COMFY/custom_nodes/ComfyUI-SVDiff"
 if [ ! -e "$LINK" ] || [ "$(readlink -f "$LINK")" != "$ROOT" ]; then
