@@ -440,7 +440,7 @@ class WorkflowBuilder:
     an input.  ``b.note(text)`` adds a Note.  ``b.build()`` returns the JSON-ready dict.
     """
 
-    COL_W, ROW_H = 360, 60
+    COL_W, ROW_H = 440, 60
 
     def __init__(self, defs: dict):
         self.defs = defs
@@ -507,7 +507,7 @@ class WorkflowBuilder:
         self.nodes.append(n)
         return n
 
-    def note(self, text: str, col: int = 0, width: int = 420, height: int = 220) -> dict:
+    def note(self, text: str, col: int = 0, width: int = 400, height: int = 230) -> dict:
         nid = self._new_id()
         n = {
             "id": nid, "type": "Note", "pos": [40 + col * self.COL_W, 40], "size": [width, height], "flags": {},
