@@ -1,0 +1,196 @@
+"""SVDiff Train on the tiny model in real ComfyUI (weights loaded by CheckpointLoaderSimple
+under inference mode, as in the executor)."""
+
+import os
+
+import pytest
+import torch
+
+NONE = "[None]"
+
+
+@pytest.fixture(scope="module")
+def ckpt(comfy):
+    import folder_paths
+    import nodes
+    from svdiff_testkit import tiny
+
+    tiny.register_tiny_sd()
+    d = folder_paths.get_folder_paths("checkpoints")[0]
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, "tiny_train.safetensors")
+    if not os.path.exists(path):
+        tiny.write_checkpoint(path, seed=0)
+    with torch.inference_mode():
+        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_train.safetensors")[:3]
+    return model, clip, vae
+
+
+def subject_images(n=3, size=64, w=None):
+    w = w or size
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, w), indexing="ij")
+    out = []
+    for i in range(n):
+        r = ((xs - 0.2 * i) ** 2 + ys**2).sqrt()
+        out.append(torch.stack([(r < 0.5).float() * 0.9, (xs + 1) / 4, torch.full_like(xs, 0.2 + 0.2 * i)], -1)[None])
+    return torch.cat(out)
+
+
+def T():
+    from svdiff_testkit.comfy_env import pack_module
+
+    return pack_module("nodes.train")
+
+
+def args(ckpt, **kw):
+    model, clip, vae = ckpt
+    a = dict(model=model, clip=clip, vae=vae, images=[subject_images()], prompt="photo of a sks dog",
+             class_prompt="photo of a dog", prior_weight=0.0, num_prior_images=2, prior_steps=3, subset="UNet", rank=0,
+             steps=2, batch_size=1, learning_rate=1e-2, learning_rate_1d=1e-4, optimizer="AdamW", seed=0, resolution=64,
+             gradient_checkpointing=False, training_dtype="auto", side_path="auto", save_every=0,
+             filename_prefix="svdiff/test_train", resume_from=NONE)
+    a.update(kw)
+    return a
+
+
+def run(a):
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return T().train(a)
+
+
+def unet_out(mp, seed=0):
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([mp], force_full_load=True)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, 32, generator=g)
+    with torch.inference_mode():
+        return mp.model.apply_model(x, torch.tensor([3.0]), c_crossattn=ctx).clone()
+
+
+EVAL_T = [50, 200, 400, 600, 800, 950]
+
+
+def held_out(mp, latents, entry):
+    with torch.inference_mode():
+        return T().evaluate_denoising_loss(mp, latents, entry, seed=777, draws=6, timesteps=EVAL_T)
+
+
+def test_loss_falls_prior_preserves_and_base_untouched(ckpt):
+    model = ckpt[0]
+    before = unet_out(model)
+    w_key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    w0 = model.model.state_dict()[w_key].clone()
+    steps = 14
+    m0, _, s0, loss0, done0, rep0 = run(args(ckpt, steps=steps, learning_rate=3e-2, prior_weight=0.0))
+    m1, _, s1, loss1, done1, rep1 = run(args(ckpt, steps=steps, learning_rate=3e-2, prior_weight=1.0))
+    assert done0 == steps and len(loss0["loss"]) == steps
+    inst, entry = rep0["instance_latents"], rep0["instance_entry"]
+    base_inst = held_out(model, inst, entry)
+    after_inst = held_out(m0, inst, entry)
+    assert after_inst < 0.8 * base_inst, (base_inst, after_inst)
+    first, last = sum(loss0["loss"][:4]) / 4, sum(loss0["loss"][-4:]) / 4
+    assert last < 0.85 * first, loss0["loss"]
+    # prior preservation keeps the model closer to the base on prior images
+    pl, pe = rep1["prior_latents"], rep1["prior_entry"]
+    assert pl is not None and pl.shape[0] == 2
+    base_prior = held_out(model, pl, pe)
+    drift0 = abs(held_out(m0, pl, pe) - base_prior)
+    drift1 = abs(held_out(m1, pl, pe) - base_prior)
+    assert drift1 < drift0, (base_prior, drift0, drift1)
+    # the MODEL that went in: same weights, bit-identical outputs
+    assert torch.equal(model.model.state_dict()[w_key], w0)
+    assert torch.equal(unet_out(model), before)
+    assert not torch.equal(unet_out(m0), before)
+    assert torch.equal(unet_out(model), before)
+    assert rep0["routes"].get("side", 0) > 0 and rep0["routes"].get("recompose", 0) > 0
+
+
+def test_only_subset_and_rank_change_and_file_size(ckpt, shift_dir):
+    import svdiff.shiftfile as SF
+    from svdiff.shift import delta_length
+
+    m, _, shift, _, done, rep = run(args(ckpt, steps=2, subset="UNet-CA-KV", rank=2, save_every=2,
+                                         filename_prefix="svdiff/test_subset", learning_rate=5e-2))
+    assert done == 2
+    keys = list(shift.deltas)
+    assert keys and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in keys)
+    assert all(shift.deltas[k].shape[0] == 2 for k in keys)
+    assert all(shift.deltas[k].abs().sum() > 0 for k in keys)
+    # every other weight of the model is untouched by the output model's patches
+    patched = set(k for k in m.patches)
+    assert patched == set(keys)
+    assert len(rep["saved"]) == 1
+    path = rep["saved"][0]
+    n_values = sum(delta_length(shift.shapes[k], 2) for k in keys)
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    assert os.path.getsize(path) == 8 + header + 2 * n_values  # float16 values
+    loaded = SF.load_shift(path)
+    assert set(loaded.deltas) == set(keys)
+    assert loaded.metadata.get("subset") == "UNet-CA-KV" and int(loaded.metadata.get("rank")) == 2
+    assert os.path.isfile(path[: -len(".safetensors")] + ".train-state")
+
+
+def test_resume_gives_the_same_delta(ckpt, shift_dir):
+    kw = dict(subset="UNet-CA", steps=4, learning_rate=2e-2, prior_weight=0.0, seed=3)
+    _, _, full, _, done, _ = run(args(ckpt, **kw))
+    assert done == 4
+    _, _, half, _, d1, rep = run(args(ckpt, **{**kw, "steps": 2, "save_every": 2, "filename_prefix": "svdiff/test_resume"}))
+    rel = os.path.relpath(rep["saved"][-1], shift_dir)
+    _, _, resumed, lm, d2, _ = run(args(ckpt, **{**kw, "steps": 2, "resume_from": rel}))
+    assert d1 == 2 and d2 == 4 and len(lm["loss"]) == 2
+    assert set(full.deltas) == set(resumed.deltas)
+    for k in full.deltas:
+        assert torch.equal(full.deltas[k], resumed.deltas[k]), k
+    # deterministic: the same run twice gives the same bits
+    _, _, again, _, _, _ = run(args(ckpt, **kw))
+    assert all(torch.equal(full.deltas[k], again.deltas[k]) for k in full.deltas)
+
+
+def test_bad_inputs(ckpt, shift_dir):
+    import comfy.model_management as mm
+    from svdiff_testkit import tiny
+
+    SVDiffNodeError = __import__(T().__name__.rsplit(".", 1)[0] + ".common", fromlist=["x"]).SVDiffNodeError
+    with pytest.raises(SVDiffNodeError, match=r"\[SVDiff Train\] images: no training images"):
+        run(args(ckpt, images=[]))
+    for lr in (0.0, float("nan")):
+        with pytest.raises(SVDiffNodeError, match="learning_rate: must be a positive finite number"):
+            run(args(ckpt, learning_rate=lr))
+    # steps 0: no training, an all-zero shift, the model's outputs unchanged
+    m, _, sh, lm, done, _ = run(args(ckpt, steps=0))
+    assert done == 0 and lm["loss"] == [] and all(float(d.abs().sum()) == 0 for d in sh.deltas.values())
+    assert torch.equal(unet_out(m), unet_out(ckpt[0]))
+    # a CLIP of another model: its embeddings have another width
+    import comfy.sd
+    import comfy.sd1_clip as sd1_clip
+    import comfy.supported_models_base
+
+    class WideClip(sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kw):
+            cfg = dict(tiny.TINY_CLIP, hidden_size=64, projection_dim=64)
+            super().__init__(device=device, dtype=dtype, model_options={**model_options, "clip_l_model_config": cfg}, **kw)
+
+    with torch.inference_mode():
+        wide = comfy.sd.CLIP(comfy.supported_models_base.ClipTarget(sd1_clip.SD1Tokenizer, WideClip))
+    with pytest.raises(SVDiffNodeError, match=r"clip: this CLIP gives 64-wide embeddings but the MODEL expects 32"):
+        run(args(ckpt, clip=wide))
+    # images of different sizes are resized (with a note); a prompt without identifier warns
+    _, _, _, _, _, rep = run(args(ckpt, images=[subject_images(1), subject_images(1, 64, 128)], steps=1,
+                                  prompt="photo of a dog", prior_weight=1.0))
+    notes = " ".join(rep["notes"])
+    assert "different sizes" in notes and "far from square" in notes and "no word that the class prompt lacks" in notes
+    # interrupt at step 1: an interruption, no file, base untouched
+    before = unet_out(ckpt[0])
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run(args(ckpt, steps=3, save_every=1, filename_prefix="svdiff/test_interrupt"))
+    finally:
+        mm.interrupt_current_processing(False)
+    import glob
+
+    assert not glob.glob(os.path.join(shift_dir, "**", "test_interrupt*"), recursive=True)
+    assert torch.equal(unet_out(ckpt[0]), before)
