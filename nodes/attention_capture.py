@@ -164,3 +164,9 @@ def token_positions(clip, prompt: str, word: str) -> list:
             t = _hf.convert_ids_to_tokens(int(i))
             return isinstance(t, str) and t.endswith("</w>")
     return _find_positions(ids, word_ids, is_end)
+
+
+def sample_token_positions(clip, prompt: str, words) -> list:
+    """``[token_positions(clip, prompt, w) for w in words]``: per-region positions for the
+    unmix loss (e.g. a ``CutMixSample``'s ``prompt`` and ``words``)."""
+    return [token_positions(clip, prompt, w) for w in words]

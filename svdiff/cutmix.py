@@ -365,3 +365,25 @@ def preview_grid(samples: Sequence[CutMixSample], columns: int = 4, gap: int = 2
         y, x = r * (R + gap), c * (R + gap)
         grid[y:y + R, x:x + R] = s.image
     return grid.unsqueeze(0)
+
+
+def stack_masks(samples: Sequence[CutMixSample], size: Optional[tuple] = None) -> torch.Tensor:
+    """The region masks of a batch of samples as one [B, S_max, H, W] tensor.
+
+    Samples with fewer regions are padded with all-zero masks (unused slots), the layout
+    ``svdiff.attention.unmix_loss`` expects; ``size`` (h, w) optionally area-resizes them
+    (e.g. to the latent size).
+    """
+    samples = list(samples)
+    if not samples:
+        raise ValueError("no samples")
+    s_max = max(s.masks.shape[0] for s in samples)
+    h, w = samples[0].masks.shape[-2:]
+    out = torch.zeros(len(samples), s_max, h, w)
+    for b, s in enumerate(samples):
+        if s.masks.shape[-2:] != (h, w):
+            raise ValueError("samples of one batch must share their resolution")
+        out[b, : s.masks.shape[0]] = s.masks
+    if size is not None and tuple(size) != (h, w):
+        out = F.interpolate(out, size=tuple(size), mode="area")
+    return out

@@ -270,3 +270,56 @@ def test_unmix_gradient_reaches_delta_also_under_gradient_checkpointing(comfy, t
     assert g_lo is None or torch.count_nonzero(g_lo) == 0
     _, g_hi = unmix_grad(mp, cap_mod.AttentionCapture(resolutions={16}), False, last)
     assert torch.count_nonzero(g_hi) > 0
+
+
+def test_cutmix_batch_to_unmix_loss_end_to_end(comfy, tiny):
+    """Cut-Mix samples -> CLIP positions + stacked masks -> captured maps -> loss -> delta.
+
+    Weight 0 with the capture disabled gives exactly the gradient of the plain loss; a
+    positive weight changes it.
+    """
+    import comfy.model_management as mm
+    import svdiff.cutmix as C
+    from svdiff_testkit.comfy_env import pack_module
+
+    cap_mod = pack_module("nodes.attention_capture")
+    mp, clip = tiny
+    subs = [C.Subject(torch.rand(2, 20, 20, 3), "sks", "dog", torch.rand(1, 20, 20, 3)),
+            C.Subject(torch.rand(1, 24, 20, 3), "hta", "sculpture", torch.rand(1, 20, 20, 3))]
+    ts = C.CutMixTrainingSet(subs, C.CutMixConfig(0.6, "left-right", seed=0), resolution=128)
+    step = next(i for i in range(50) if ts.sample(i).mixed and ts.sample(i, prior=True).mixed)
+    batch = [ts.sample(step), ts.sample(step, prior=True)]
+    ids = [cap_mod.sample_token_positions(clip, s.prompt, s.words) for s in batch]
+    assert all(len(p) == 2 and all(p) for p in ids)
+    masks = C.stack_masks(batch, size=(16, 16))
+    assert masks.shape == (2, 2, 16, 16) and torch.allclose(masks.sum(1), torch.ones(2, 16, 16))
+    with torch.no_grad():
+        ctx = torch.cat([clip.encode_from_tokens(clip.tokenize(s.prompt)) for s in batch]).float()
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+    def grad(weight, enabled, install=True):
+        m2 = mp.clone()
+        cap = cap_mod.AttentionCapture()
+        if install:
+            cap.install(m2)
+        cap.enabled = enabled
+        with torch.inference_mode(False):
+            wrap = SpectralDelta(mp.model.state_dict()[key])
+            m2.add_weight_wrapper(key, wrap)
+            mm.load_models_gpu([m2], force_full_load=True)
+            try:
+                x, _ = inputs(2, 16, seed=5)
+                out = forward(m2, x, ctx.clone())
+                loss = (out ** 2).mean()
+                if weight:
+                    loss = loss + weight * A.unmix_loss(cap.maps(), ids, masks)
+                loss.backward()
+            finally:
+                m2.unpatch_model()
+        return wrap.delta.grad.clone()
+
+    plain = grad(0.0, False, install=False)
+    off = grad(0.0, False)
+    on = grad(100.0, True)
+    assert torch.equal(off, plain), "a disabled capture changes nothing"
+    assert not torch.allclose(on, plain), "the unmix term changes the training gradient"

@@ -254,3 +254,17 @@ def test_node_runs_in_a_comfyui_graph(comfy):
     bad = {**prompt, "3": {**prompt["3"], "inputs": {**prompt["3"]["inputs"], "probability": 1.0}}}
     with pytest.raises(AssertionError, match="probability"):
         run_prompt(bad, prompt_id="2")
+
+
+def test_stack_masks_pads_single_samples():
+    ts = C.CutMixTrainingSet(subjects(), C.CutMixConfig(0.5, "up-down", seed=0), resolution=16)
+    batch = [ts.sample(i) for i in range(6)]
+    assert {s.mixed for s in batch} == {True, False}
+    m = C.stack_masks(batch)
+    assert m.shape == (6, 2, 16, 16)
+    for b, s in enumerate(batch):
+        assert torch.equal(m[b, : s.masks.shape[0]], s.masks)
+        if not s.mixed:
+            assert not m[b, 1].any()
+    small = C.stack_masks(batch, size=(4, 4))
+    assert small.shape == (6, 2, 4, 4) and torch.allclose(small.sum(1), torch.ones(6, 4, 4))
