@@ -37,7 +37,7 @@ def pack_node_ids_from_source() -> set:
 @pytest.fixture(scope="module")
 def server(comfy):
     base = tempfile.mkdtemp(prefix="svdiff-server-")
-    # a spectral shift for the demo model where workflow 02 looks for it
+    # spectral shifts for the demo model where workflows 02, 05-07 look for them
     from svdiff import shiftfile
     from svdiff.shift import SpectralShift, delta_length
     from svdiff_testkit import tiny
@@ -46,11 +46,12 @@ def server(comfy):
     prepare_base_dir(base)
     mp, _ = tiny.build(seed=0)
     shapes = pack_module("nodes.adapter").shiftable_shapes(mp, "diffusion_model.")
-    g = torch.Generator().manual_seed(5)
-    deltas = {k: torch.randn(delta_length(s), generator=g) * 0.02 for k, s in shapes.items()}
     os.makedirs(os.path.join(base, "models", "svdiff"), exist_ok=True)
-    shiftfile.save_shift(SpectralShift(deltas, shapes, {"architecture": "TinySD"}),
-                         os.path.join(base, "models", "svdiff", "my_subject_00001_.safetensors"))
+    for seed, name in ((5, "my_subject_00001_.safetensors"), (6, "my_second_subject_00001_.safetensors")):
+        g = torch.Generator().manual_seed(seed)
+        deltas = {k: torch.randn(delta_length(s), generator=g) * 0.02 for k, s in shapes.items()}
+        shiftfile.save_shift(SpectralShift(deltas, shapes, {"architecture": "TinySD"}),
+                             os.path.join(base, "models", "svdiff", name))
     s = ComfyServer(base, start_timeout=120)
     s.start()
     try:
@@ -121,6 +122,9 @@ def test_workflow_runs_through_prompt_endpoint(server, name):
     assert images, entry["outputs"]
     for f in images:
         assert os.path.isfile(f) and os.path.getsize(f) > 100, f
+    if name == "01_single_subject.json":  # the trained shift was saved next to the pre-made one
+        saved = glob.glob(os.path.join(server.base, "models", "svdiff", "my_subject_000*_.safetensors"))
+        assert len(saved) >= 2, saved
 
 
 def test_missing_shift_file_fails_with_node_and_field_named(server):

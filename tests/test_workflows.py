@@ -21,7 +21,7 @@ from svdiff_testkit import workflow as W
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WF_DIR = os.path.join(REPO, "workflows")
 WORKFLOWS = W.workflow_files(WF_DIR) if os.path.isdir(WF_DIR) else []
-TEST_SHIFT = "svdiff_test_demo_shift.safetensors"
+TEST_SHIFT = "svdiff_test_demo_shift.safetensors"  # stands in for every shift file
 
 
 @pytest.fixture(scope="module")

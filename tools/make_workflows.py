@@ -75,8 +75,159 @@ def wf_load_shift(defs):
     return b.build()
 
 
+SECOND_SHIFT = "my_second_subject_00001_.safetensors"
+
+
+def load_images(b, names, col=0):
+    """LoadImage per picture, joined into one batch with ImageBatch."""
+    loads = [b.node("LoadImage", col=col, image=n) for n in names]
+    out = (loads[0], 0)
+    for ld in loads[1:]:
+        ib = b.node("ImageBatch", col=col + 1)
+        b.link(out[0], out[1], ib, "image1")
+        b.link(ld, 0, ib, "image2")
+        out = (ib, 0)
+    return out
+
+
+def wf_single_subject(defs):
+    """01: DreamBooth-style spectral-shift training with prior preservation (Fig. 5)."""
+    b = WorkflowBuilder(defs)
+    b.note(
+        "SVDiff: single-subject generation (paper Sec. 3.2, Fig. 5).\n\n"
+        "SVDiff Train fine-tunes only the singular values of the model's weights (a spectral shift, "
+        "about 1.7 MB for SD1.5) on 3-5 photos of a subject with a rare token ('sks robot'), with the "
+        "prior-preservation loss on images of the class ('a robot') that the model generates itself. "
+        "Paper: 500-1000 steps, batch 1, learning rate 1e-3 for the spectral shifts and 1e-6 for 1-D "
+        "weights. Save Spectral Shift writes models/svdiff/my_subject_00001_.safetensors; the sampler "
+        "then shows the subject in a new context (DDIM, eta 0, 50 steps). Replace the pictures with "
+        "your own (copy them into ComfyUI's input folder).",
+        col=0,
+    )
+    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
+    imgs = load_images(b, ["robot_01.png", "robot_02.png", "robot_03.png"], col=1)
+    tr = b.node("SVDiffTrain", col=3, prompt="photo of a sks robot", class_prompt="photo of a robot",
+                prior_weight=1.0, steps=500, learning_rate=1e-3, learning_rate_1d=1e-6, subset="UNet",
+                batch_size=1, resolution=512, seed=0)
+    b.link(ck, 0, tr, "model")
+    b.link(ck, 1, tr, "clip")
+    b.link(ck, 2, tr, "vae")
+    b.link(imgs[0], imgs[1], tr, "images")
+    sv = b.node("SVDiffSaveShift", col=4, filename_prefix="my_subject",
+                description="toy robot, token 'sks robot' (SVDiff single-subject workflow)")
+    b.link(tr, 2, sv, "shift")
+    sampler_chain(b, (tr, 0), (tr, 1), (ck, 2), col=4, prompt="a photo of sks robot on the beach, sunset",
+                  prefix="svdiff/single_subject")
+    return b.build()
+
+
+def wf_combine(defs):
+    """05: combine and interpolate two shifts, an interpolation strip over alpha (Fig. 8, 11)."""
+    b = WorkflowBuilder(defs)
+    b.note(
+        "SVDiff: combining and interpolating two spectral shifts (paper Eq. 4/5, Fig. 8 and 11).\n\n"
+        "Combine/Scale Shifts in 'interpolate' mode makes delta' = alpha*delta_A + (1-alpha)*delta_B, "
+        "so sigma' = ReLU(sigma + delta'); each branch applies one alpha (1, 0.5, 0) and samples with "
+        "the same seed and DDIM (eta 0), and Image Stitch joins the results into one strip. Mode 'add' "
+        "(delta_A + delta_B, Eq. 4) puts both subjects in one model. Train the two shifts with the "
+        "single-subject workflow (e.g. the robot, then the duck saved as 'my_second_subject').",
+        col=0,
+    )
+    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
+    la = b.node("SVDiffLoadShift", title="Load shift A", col=1, shift_name=SHIFT_FILE, strength_model=1.0, strength_clip=1.0)
+    lb = b.node("SVDiffLoadShift", title="Load shift B", col=1, shift_name=SECOND_SHIFT, strength_model=1.0, strength_clip=1.0)
+    for ld in (la, lb):
+        b.link(ck, 0, ld, "model")
+        b.link(ck, 1, ld, "clip")
+    lat = b.node("EmptyLatentImage", col=1, width=512, height=512, batch_size=1)
+    strip = None
+    for i, alpha in enumerate((1.0, 0.5, 0.0)):
+        col = 2 + 3 * i
+        cm = b.node("SVDiffCombineShifts", title=f"alpha = {alpha}", col=col, mode="interpolate", alpha=alpha)
+        b.link(la, 2, cm, "shift_a")
+        b.link(lb, 2, cm, "shift_b")
+        ap = b.node("SVDiffApplyShift", col=col, strength_model=1.0, strength_clip=1.0)
+        b.link(ck, 0, ap, "model")
+        b.link(ck, 1, ap, "clip")
+        b.link(cm, 0, ap, "shift")
+        ks, dec, save = sampler_chain(b, (ap, 0), (ap, 1), (ck, 2), col=col, prompt="a photo of a sks thing in a garden",
+                                      prefix=f"svdiff/interpolate_{i}", latent=(lat, 0))
+        if strip is None:
+            strip = (dec, 0)
+        else:
+            st = b.node("ImageStitch", col=col + 2, direction="right", match_image_size=True, spacing_width=0,
+                        spacing_color="white")
+            b.link(strip[0], strip[1], st, "image1")
+            b.link(dec, 0, st, "image2")
+            strip = (st, 0)
+    out = b.node("SaveImage", title="Interpolation strip", col=11, filename_prefix="svdiff/interpolation_strip")
+    b.link(strip[0], strip[1], out, "images")
+    return b.build()
+
+
+def wf_style_mixing(defs):
+    """06: style mixing by layer range and scaling (Fig. 10, appendix E.3)."""
+    b = WorkflowBuilder(defs)
+    b.note(
+        "SVDiff: style mixing by layer range (paper Sec. 5, Fig. 10; appendix E.3).\n\n"
+        "Combine/Scale Shifts in 'select layers' mode takes the layers of a preset from shift A and all "
+        "others from shift B. The preset 'style: geometry (16,down,1)-(8,mid,0)' is the XTI layer range "
+        "the paper uses for geometry (shift A), while the remaining layers give the appearance (shift B); "
+        "the paper trains both on the UNet-2D subset. The second node scales the mixed shift "
+        "(delta' = s*delta, appendix E.3): s above 1 strengthens it, 0 switches it off.",
+        col=0,
+    )
+    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
+    la = b.node("SVDiffLoadShift", title="Geometry shift (A)", col=1, shift_name=SHIFT_FILE)
+    lb = b.node("SVDiffLoadShift", title="Appearance shift (B)", col=1, shift_name=SECOND_SHIFT)
+    for ld in (la, lb):
+        b.link(ck, 0, ld, "model")
+        b.link(ck, 1, ld, "clip")
+    mix = b.node("SVDiffCombineShifts", title="Mix by layers", col=2, mode="select layers",
+                 preset="style: geometry (16,down,1)-(8,mid,0)")
+    b.link(la, 2, mix, "shift_a")
+    b.link(lb, 2, mix, "shift_b")
+    sc = b.node("SVDiffCombineShifts", title="Scale", col=2, mode="scale", scale=1.0)
+    b.link(mix, 0, sc, "shift_a")
+    ap = b.node("SVDiffApplyShift", col=3, strength_model=1.0, strength_clip=1.0)
+    b.link(ck, 0, ap, "model")
+    b.link(ck, 1, ap, "clip")
+    b.link(sc, 0, ap, "shift")
+    sampler_chain(b, (ap, 0), (ap, 1), (ck, 2), col=4, prompt="a photo of a sks thing", prefix="svdiff/style_mix")
+    return b.build()
+
+
+def wf_inspect(defs):
+    """07: inspecting shifts: norms and the similarity heat map (Fig. 10a / 9a)."""
+    b = WorkflowBuilder(defs)
+    b.note(
+        "SVDiff: inspecting spectral shifts (paper Fig. 9a, appendix Fig. 15).\n\n"
+        "Inspect Spectral Shift draws the norm of each shift per block and, with two or more shifts, the "
+        "heat map of their cosine similarities averaged over layers, which the paper uses to show that "
+        "shifts of similar subjects are correlated. Its text output summarises sizes and norms. No model "
+        "is changed: the loaders only read the files.",
+        col=0,
+    )
+    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
+    la = b.node("SVDiffLoadShift", title="Shift A", col=1, shift_name=SHIFT_FILE)
+    lb = b.node("SVDiffLoadShift", title="Shift B", col=1, shift_name=SECOND_SHIFT)
+    for ld in (la, lb):
+        b.link(ck, 0, ld, "model")
+        b.link(ck, 1, ld, "clip")
+    ins = b.node("SVDiffInspectShift", col=2)
+    b.link(la, 2, ins, "shift_a")
+    b.link(lb, 2, ins, "shift_b")
+    pv = b.node("PreviewImage", col=3)
+    b.link(ins, 0, pv, "images")
+    return b.build()
+
+
 WORKFLOWS = [
+    ("01_single_subject.json", ["SVDiffTrain", "SVDiffSaveShift"], wf_single_subject),
     ("02_load_shift.json", ["SVDiffLoadShift"], wf_load_shift),
+    ("05_combine_interpolate.json", ["SVDiffCombineShifts", "SVDiffApplyShift"], wf_combine),
+    ("06_style_mixing.json", ["SVDiffCombineShifts", "SVDiffApplyShift"], wf_style_mixing),
+    ("07_inspect_shifts.json", ["SVDiffInspectShift"], wf_inspect),
 ]
 
 

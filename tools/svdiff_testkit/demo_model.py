@@ -119,24 +119,28 @@ def install() -> dict:
 
 
 # Step counts and sizes for the demo model on 2 CPU cores (a real checkpoint uses the
-# workflows' own settings).  Inputs named like this are capped on every node that has them.
-DEMO_CAPS = {"steps": 4, "train_steps": 30, "max_steps": 30, "num_prior_images": 2, "prior_images": 2}
+# workflows' own settings).  Inputs named like this are capped on every node that has them;
+# CLASS_CAPS override them per node class.
+DEMO_CAPS = {"steps": 4, "num_prior_images": 2, "prior_steps": 4, "preview_count": 2}
+CLASS_CAPS = {"SVDiffTrain": {"steps": 24}}
 DEMO_SIZE = 64  # pixels: an 8x8 latent for the SD-style demo model
 
 
-def shrink_prompt(prompt: dict, caps: dict | None = None, size: int = DEMO_SIZE) -> dict:
+def shrink_prompt(prompt: dict, caps: dict | None = None, size: int = DEMO_SIZE, class_caps: dict | None = None) -> dict:
     """A copy of an API prompt with step counts capped and image sizes set to ``size``."""
     import copy
 
-    caps = dict(DEMO_CAPS, **(caps or {}))
     out = copy.deepcopy(prompt)
     for entry in out.values():
         inp = entry["inputs"]
-        for k, cap in caps.items():
+        c = dict(DEMO_CAPS, **(caps or {}))
+        c.update(CLASS_CAPS.get(entry["class_type"], {}))
+        c.update((class_caps or {}).get(entry["class_type"], {}))
+        for k, cap in c.items():
             v = inp.get(k)
             if isinstance(v, int) and not isinstance(v, bool) and v > cap:
                 inp[k] = cap
-        if entry["class_type"] in ("EmptyLatentImage", "ImageScale", "SVDiffCutMixBuilder") or "resolution" in inp:
+        if entry["class_type"] in ("EmptyLatentImage", "ImageScale") or "resolution" in inp:
             for k in ("width", "height", "resolution"):
                 if isinstance(inp.get(k), int) and inp[k] > size:
                     inp[k] = size
