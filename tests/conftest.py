@@ -20,6 +20,12 @@ if TOOLS not in sys.path:
 
 from svdiff_testkit import comfy_env  # noqa: E402
 
+# The tests use tiny models: one intra-op thread is faster than two (thread overhead dominates)
+# and keeps a busy 2-core machine responsive.  SVDIFF_TEST_THREADS overrides.
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("SVDIFF_TEST_THREADS", "1")))
+
 BASE = os.environ.get("SVDIFF_TEST_BASE") or tempfile.mkdtemp(prefix="svdiff-comfy-")
 comfy_env.prepare_base_dir(BASE)
 comfy_env.register_pack_package(comfy_env.pack_module_name(BASE))
