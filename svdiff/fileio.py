@@ -40,9 +40,16 @@ def sanitize_prefix(prefix: str, what: str = "filename_prefix") -> str:
             raise UnsafePathError(f"{what} {prefix!r} contains '..'; it may not leave the output folder")
         if _BAD_CHARS.search(part):
             raise UnsafePathError(f"{what} {prefix!r} contains characters a filesystem refuses")
-        if len(part.encode("utf-8")) > 200:
+        try:
+            size = len(part.encode("utf-8"))
+        except UnicodeEncodeError:  # an unpaired surrogate (JSON "\ud800") has no file-name bytes
+            raise UnsafePathError(f"{what} {prefix!r} contains characters a filesystem refuses (unpaired surrogate)") from None
+        if size > 200:
             raise UnsafePathError(f"{what} {prefix!r} has a path component longer than 200 bytes")
-    return "/".join(parts)
+    out = "/".join(parts)
+    if len(out.encode("utf-8")) > 1024:
+        raise UnsafePathError(f"{what} is longer than 1024 bytes")
+    return out
 
 
 def is_within(path: str, folder: str) -> bool:
