@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..svdiff import shiftfile
-from ..svdiff.fileio import UnsafePathError, sanitize_prefix
+from ..svdiff.fileio import UnsafePathError, is_within, sanitize_prefix
 from ..svdiff.shift import SpectralShift
 from .adapter import UNET_PREFIX, patch_with_shift
 from .common import CATEGORY, SpectralShiftType, SVDiffNodeError, register_shift_folder, shift_files, shift_save_dir
@@ -145,7 +145,13 @@ class SVDiffApplyShift(io.ComfyNode):
 
 
 def next_free_path(folder: str, prefix: str, ext: str = ".safetensors") -> tuple[str, str]:
-    """ComfyUI's numbered-filename convention: <prefix>_<counter:05>_.<ext>, first free number."""
+    """ComfyUI's numbered-filename convention: <prefix>_<counter:05>_.<ext>, first free number.
+
+    Raises UnsafePathError, before any folder is created, when the prefix's folder resolves
+    outside ``folder`` (a symbolic link inside it may point anywhere).
+    """
+    if not is_within(os.path.dirname(os.path.join(folder, prefix)), folder):
+        raise UnsafePathError(f"filename_prefix {prefix!r} would write outside {folder} (through a symbolic link?)")
     full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder)
     os.makedirs(full_folder, exist_ok=True)
     while True:
@@ -170,9 +176,14 @@ def save_shift_numbered(node: str, shift: SpectralShift, filename_prefix: str, d
     except ValueError as e:
         raise SVDiffNodeError(node, str(e)) from None
     for _ in range(100):
-        path, rel = next_free_path(folder, prefix)
         try:
-            from ..svdiff.fileio import atomic_write_bytes, is_within
+            path, rel = next_free_path(folder, prefix)
+        except UnsafePathError as e:
+            raise SVDiffNodeError(node, str(e)) from None
+        except OSError as e:  # e.g. a file where a sub-folder should be
+            raise SVDiffNodeError(node, f"filename_prefix {filename_prefix!r}: cannot create its folder ({e.strerror or e})") from None
+        try:
+            from ..svdiff.fileio import atomic_write_bytes
 
             if not is_within(path, folder):
                 raise SVDiffNodeError(node, f"filename_prefix {filename_prefix!r} would write outside models/svdiff")
