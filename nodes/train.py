@@ -73,7 +73,7 @@ def _geometry(mod) -> L.ConvGeometry:
     return L.ConvGeometry(tuple(mod.stride), tuple(mod.padding), tuple(mod.dilation), int(mod.groups))
 
 
-def _make_forward(mod, kind: str, layer: Optional[L.ShiftedLayer], vdelta: Optional[torch.Tensor]):
+def _make_forward(mod, kind: str, layer: Optional[L.ShiftedLayer], vdelta: Optional[torch.Tensor], clone_input: bool = False):
     if kind in ("linear", "conv2d"):
         geo = _geometry(mod) if kind == "conv2d" else None
 
@@ -86,6 +86,8 @@ def _make_forward(mod, kind: str, layer: Optional[L.ShiftedLayer], vdelta: Optio
         return forward
 
     def norm_forward(x, *args, **kwargs):
+        if clone_input:
+            x = x.clone()  # the caller may update x in place afterwards (ComfyUI's CLIP: x += attn(ln(x)))
         w, b = _weight_bias(mod, x)
         if w is not None:
             w = L.shifted_vector(w, vdelta)
@@ -164,7 +166,7 @@ class Trainable:
     """delta Parameters for a set of keys of one patcher, and the injection that uses them."""
 
     def __init__(self, patcher, keys: list, rank: int, device, force_route: Optional[str], scope_prefix: str,
-                 skip_modules=()):
+                 skip_modules=(), clone_norm_input: bool = False):
         self.patcher = patcher
         self.params: "OrderedDict[str, torch.nn.Parameter]" = OrderedDict()
         self.layers: dict = {}
@@ -206,7 +208,7 @@ class Trainable:
                     vdelta = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
                     self.params[key] = vdelta
                 pbar.update(1)
-            forwards.append((mod, _make_forward(mod, kind, layer, vdelta)))
+            forwards.append((mod, _make_forward(mod, kind, layer, vdelta, clone_norm_input)))
         self.missing = [k for k in keys if k not in self.params]
         self.injection = TrainInjection(forwards, [])
 
@@ -543,7 +545,7 @@ def train(node_inputs: dict) -> tuple:
             clip_t = clip.clone()
             cshapes = shiftable_shapes(clip_t.patcher)
             ckeys = [k for k in cshapes if ".encoder." in k or "final_layer_norm" in k]
-            te = Trainable(clip_t.patcher, ckeys, rank, clip_t.patcher.load_device, force_route, "")
+            te = Trainable(clip_t.patcher, ckeys, rank, clip_t.patcher.load_device, force_route, "", clone_norm_input=True)
             clip_t.patcher.set_injections(INJECTION_KEY, [te.injection.patcher_injection()])
             if not te.params:
                 notes.append("train_text_encoder: no trainable text-encoder weights found")

@@ -196,3 +196,39 @@ def test_bad_inputs(ckpt, shift_dir):
 
     assert not glob.glob(os.path.join(shift_dir, "**", "test_interrupt*"), recursive=True)
     assert torch.equal(unet_out(ckpt[0]), before)
+
+
+def test_text_encoder_training_shifts_clip_and_leaves_base_clip(ckpt):
+    model, clip, vae = ckpt
+    with torch.inference_mode():
+        base_cond = clip.encode_from_tokens(clip.tokenize("photo of a sks dog")).clone()
+    m, c, shift, _, done, _ = run(args(ckpt, steps=2, subset="UNet-CA-KV", train_text_encoder=True, learning_rate=5e-2))
+    clip_keys = [k for k in shift.deltas if not k.startswith("diffusion_model.")]
+    assert clip_keys and all(".encoder." in k or "final_layer_norm" in k for k in clip_keys)
+    assert any(float(shift.deltas[k].abs().sum()) > 0 for k in clip_keys if len(shift.shapes[k]) == 2)
+    with torch.inference_mode():
+        new_cond = c.encode_from_tokens(c.tokenize("photo of a sks dog"))
+        again = clip.encode_from_tokens(clip.tokenize("photo of a sks dog"))
+    assert not torch.equal(new_cond, base_cond)
+    assert torch.equal(again, base_cond)
+
+
+def test_graph_through_comfy_executor(ckpt, comfy):
+    from svdiff_testkit.comfy_env import run_prompt
+
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_train.safetensors"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x884422}},
+        "3": {"class_type": "SVDiffTrain", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "prompt": "photo of a sks dog",
+            "train_text_encoder": False, "class_prompt": "photo of a dog", "prior_weight": 0.0, "num_prior_images": 1,
+            "prior_steps": 2, "subset": "UNet-CA", "rank": 0, "steps": 2, "batch_size": 1, "learning_rate": 0.01,
+            "learning_rate_1d": 0.000001, "optimizer": "AdamW", "seed": 1, "resolution": 64, "gradient_checkpointing": True,
+            "training_dtype": "auto", "side_path": "auto", "save_every": 0, "filename_prefix": "svdiff/graph",
+            "resume_from": NONE}},
+        "4": {"class_type": "LossGraphNode", "inputs": {"loss": ["3", 3], "filename_prefix": "svdiff_loss"}},
+        "5": {"class_type": "SVDiffSaveShift", "inputs": {"shift": ["3", 2], "filename_prefix": "svdiff/graph", "dtype": "float16"}},
+    }
+    ex, outputs = run_prompt(prompt)
+    assert ex.success, ex.status_messages
+    assert "5" in outputs and "4" in outputs
