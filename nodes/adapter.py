@@ -290,7 +290,8 @@ def patch_with_shift(patcher, shift: SpectralShift, strength: float, node: str, 
     if strength == 0 or not matched:
         return patcher.clone(), report
     patches, fps = build_adapters(patcher, sub, matched, node)
-    want = shift.metadata.get("base_fingerprint")
+    # UNet parts are checked against base_fingerprint, text-encoder parts against clip_fingerprint
+    want = shift.metadata.get("base_fingerprint" if prefix == UNET_PREFIX else "clip_fingerprint")
     if want and want != combined_fingerprint(fps):
         msg = f"{source} was trained on other base weights of the same architecture; it is applied anyway"
         report["warnings"].append(msg)

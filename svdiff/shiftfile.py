@@ -15,7 +15,8 @@ Layout (format ``svdiff-comfyui`` version 1):
   rank                "0" (all singular values) or r (appendix E.1)
   shapes              JSON {key: base-weight shape}
   shapes_fingerprint  hash of ``shapes`` (identifies the architecture)
-  base_fingerprint    hash of the base weights the shift was trained on
+  base_fingerprint    hash of the base UNet weights the shift was trained on
+  clip_fingerprint    the same for the text-encoder weights (when it shifts them)
   training            JSON of the training settings (instance prompt, steps, ...)
   trigger_words       the instance prompt's special tokens, for people sharing files
   description         free text
@@ -228,6 +229,7 @@ def shift_from_raw(path: str, tensors: dict, metadata: dict) -> SpectralShift:
         "subset": metadata.get("subset", ""),
         "rank": 0,
         "base_fingerprint": metadata.get("base_fingerprint", ""),
+        "clip_fingerprint": metadata.get("clip_fingerprint", ""),
         "training": _json_field(path, metadata, "training", {}),
         "trigger_words": metadata.get("trigger_words", ""),
         "description": metadata.get("description", ""),
@@ -265,6 +267,7 @@ def encode_metadata(shift: SpectralShift, dtype_name: str) -> dict:
         "shapes": json.dumps({k: list(v) for k, v in shift.shapes.items()}, separators=(",", ":")),
         "shapes_fingerprint": shapes_fingerprint(shift.shapes),
         "base_fingerprint": str(m.get("base_fingerprint", "")),
+        "clip_fingerprint": str(m.get("clip_fingerprint", "")),
         "training": json.dumps(m.get("training", {}), default=str),
         "trigger_words": str(m.get("trigger_words", "")),
         "description": str(m.get("description", "")),
