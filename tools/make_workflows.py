@@ -222,9 +222,65 @@ def wf_inspect(defs):
     return b.build()
 
 
+def wf_editing(defs):
+    """04: single-image editing (Fig. 4, 7; appendix B)."""
+    b = WorkflowBuilder(defs)
+    b.note(
+        "SVDiff: single-image editing (paper Sec. 3.4, Fig. 4 and 7; appendix B).\n\n"
+        "SVDiff Train fine-tunes the spectral shift on ONE image-prompt pair without prior preservation "
+        "(prior_weight 0; the prompt describes the picture, no rare token). Edits come from changing the "
+        "prompt. DDIM Invert turns the picture into its noise map with the EDITED prompt and guidance 1 "
+        "(Eq. 6); Slerp Noise mixes in fresh noise (Eq. 7, alpha 0 = none); the DDIM sampler samples "
+        "back with eta 0.5 (appendix: eta 0.5 / alpha 0, or eta 0.9 / alpha 0.9 for large changes).",
+        col=0,
+    )
+    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
+    li = b.node("LoadImage", col=1, image="scene_cup.png")
+    sc = b.node("ImageScale", col=1, upscale_method="bilinear", width=512, height=512, crop="center")
+    b.link(li, 0, sc, "image")
+    tr = b.node("SVDiffTrain", col=2, prompt="photo of a white cup of coffee on a wooden table",
+                class_prompt="photo of a cup", prior_weight=0.0, steps=500, learning_rate=1e-3,
+                learning_rate_1d=1e-6, subset="UNet", batch_size=1, resolution=512, seed=0)
+    b.link(ck, 0, tr, "model")
+    b.link(ck, 1, tr, "clip")
+    b.link(ck, 2, tr, "vae")
+    b.link(sc, 0, tr, "images")
+    enc = b.node("VAEEncode", col=2)
+    b.link(sc, 0, enc, "pixels")
+    b.link(ck, 2, enc, "vae")
+    edit = b.node("CLIPTextEncode", title="Edited prompt", col=3, text="photo of a red cup of tea on a wooden table")
+    neg = b.node("CLIPTextEncode", title="Negative prompt", col=3, text="")
+    b.link(tr, 1, edit, "clip")
+    b.link(tr, 1, neg, "clip")
+    inv = b.node("SVDiffDDIMInvert", col=4, steps=50, cfg=1.0, scheduler="ddim_uniform")
+    b.link(tr, 0, inv, "model")
+    b.link(edit, 0, inv, "positive")
+    b.link(enc, 0, inv, "latent")
+    sl = b.node("SVDiffSlerpNoise", col=4, alpha=0.0, seed=0)
+    b.link(inv, 0, sl, "latent")
+    b.link(tr, 0, sl, "model")
+    b.link(inv, 1, sl, "sigmas")
+    ds = b.node("SVDiffDDIMSampler", col=4, eta=0.5, seed=0)
+    sm = b.node("SamplerCustom", col=5, add_noise=False, noise_seed=0, cfg=7.5)
+    b.link(tr, 0, sm, "model")
+    b.link(edit, 0, sm, "positive")
+    b.link(neg, 0, sm, "negative")
+    b.link(ds, 0, sm, "sampler")
+    b.link(inv, 1, sm, "sigmas")
+    b.link(sl, 0, sm, "latent_image")
+    dec = b.node("VAEDecode", col=5)
+    b.link(sm, 0, dec, "samples")
+    b.link(ck, 2, dec, "vae")
+    save = b.node("SaveImage", col=6, filename_prefix="svdiff/edit")
+    b.link(dec, 0, save, "images")
+    return b.build()
+
+
 WORKFLOWS = [
     ("01_single_subject.json", ["SVDiffTrain", "SVDiffSaveShift"], wf_single_subject),
     ("02_load_shift.json", ["SVDiffLoadShift"], wf_load_shift),
+    ("04_single_image_editing.json", ["SVDiffTrain", "SVDiffDDIMInvert", "SVDiffSlerpNoise", "SVDiffDDIMSampler"],
+     wf_editing),
     ("05_combine_interpolate.json", ["SVDiffCombineShifts", "SVDiffApplyShift"], wf_combine),
     ("06_style_mixing.json", ["SVDiffCombineShifts", "SVDiffApplyShift"], wf_style_mixing),
     ("07_inspect_shifts.json", ["SVDiffInspectShift"], wf_inspect),
