@@ -68,6 +68,8 @@ class AttentionCapture:
         self._maps: dict = {}
         self._shapes: dict = {}
         self.blocks: list = []
+        # map side lengths (min(H, W)) of every cross-attention block run so far, captured or not
+        self.seen: set = set()
 
     # ----------------------------------------------------------------------------------
     def install(self, model_patcher) -> list:
@@ -104,6 +106,8 @@ class AttentionCapture:
             heads = extra_options["n_heads"]
             shape = extra_options.get("activations_shape")
             hw = (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) == 4 else None
+            if hw is not None:
+                self.seen.add(min(hw))
             if not self.enabled or not self._wanted(hw):
                 return comfy_attention.optimized_attention(
                     q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
