@@ -14,8 +14,6 @@ import re
 import tempfile
 
 import pytest
-import torch
-
 from svdiff_testkit import demo_model
 from svdiff_testkit import workflow as W
 from svdiff_testkit.server import ComfyServer
@@ -37,24 +35,14 @@ def pack_node_ids_from_source() -> set:
 @pytest.fixture(scope="module")
 def server(comfy):
     base = tempfile.mkdtemp(prefix="svdiff-server-")
-    # spectral shifts for the demo model where workflows 02, 05-07 look for them
-    from svdiff import shiftfile
-    from svdiff.shift import SpectralShift, delta_length
-    from svdiff_testkit import tiny
-    from svdiff_testkit.comfy_env import pack_module, prepare_base_dir
-
-    prepare_base_dir(base)
-    mp, _ = tiny.build(seed=0)
-    shapes = pack_module("nodes.adapter").shiftable_shapes(mp, "diffusion_model.")
-    os.makedirs(os.path.join(base, "models", "svdiff"), exist_ok=True)
-    for seed, name in ((5, "my_subject_00001_.safetensors"), (6, "my_second_subject_00001_.safetensors")):
-        g = torch.Generator().manual_seed(seed)
-        deltas = {k: torch.randn(delta_length(s), generator=g) * 0.02 for k, s in shapes.items()}
-        shiftfile.save_shift(SpectralShift(deltas, shapes, {"architecture": "TinySD"}),
-                             os.path.join(base, "models", "svdiff", name))
     s = ComfyServer(base, start_timeout=120)
     s.start()
     try:
+        # spectral shifts for the demo model (written by the demo nodes at start-up) where
+        # workflows 02, 05-07 look for them
+        ckpt = os.path.join(base, "models", "checkpoints", demo_model.demo_checkpoint_name())
+        for seed, name in ((5, "my_subject_00001_.safetensors"), (6, "my_second_subject_00001_.safetensors")):
+            demo_model.write_random_shift(ckpt, os.path.join(base, "models", "svdiff", name), seed)
         yield s
     finally:
         s.stop(timeout=30)

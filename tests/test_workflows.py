@@ -13,8 +13,6 @@ import json
 import os
 
 import pytest
-import torch
-
 from svdiff_testkit import demo_model
 from svdiff_testkit import workflow as W
 
@@ -29,22 +27,11 @@ def demo(comfy):
     """The demo model registered, its checkpoint in models/checkpoints, assets in input/,
     and a spectral-shift file for it in models/svdiff."""
     import folder_paths
-    from svdiff.shift import SpectralShift, delta_length
-    from svdiff import shiftfile
-    from svdiff_testkit import tiny
 
     info = demo_model.install()
-    mp, _ = tiny.build(seed=0)
-    from svdiff_testkit.comfy_env import pack_module
-
-    shapes = pack_module("nodes.adapter").shiftable_shapes(mp, "diffusion_model.")
-    g = torch.Generator().manual_seed(3)
-    deltas = {k: torch.randn(delta_length(s), generator=g) * 0.01 for k, s in shapes.items()}
-    d = os.path.join(folder_paths.models_dir, "svdiff")
-    os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, TEST_SHIFT)
+    path = os.path.join(folder_paths.models_dir, "svdiff", TEST_SHIFT)
     if not os.path.exists(path):
-        shiftfile.save_shift(SpectralShift(deltas, shapes, {"architecture": "TinySD"}), path)
+        demo_model.write_random_shift(info["checkpoint"], path, seed=3, scale=0.01)
     getattr(folder_paths, "filename_list_cache", {}).pop("svdiff", None)
     return info
 

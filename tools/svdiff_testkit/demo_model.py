@@ -34,8 +34,9 @@ WORKFLOW_CKPT = "v1-5-pruned-emaonly.safetensors"
 
 
 def toyworld_weights() -> str | None:
+    """The pretrained toy model's committed weights, when they are in the tree."""
     p = os.path.join(TOOLS, "toyworld", "weights", TOY_CKPT)
-    if os.path.isfile(p) and os.path.isfile(os.path.join(TOOLS, "toyworld", "__init__.py")):
+    if os.path.isfile(p) and os.path.isfile(os.path.join(TOOLS, "toyworld", "model.py")):
         return p
     return None
 
@@ -64,7 +65,7 @@ def register_model_type() -> str:
     if TOOLS not in sys.path:
         sys.path.insert(0, TOOLS)
     if demo_kind() == "toyworld":
-        toy = importlib.import_module("toyworld")
+        toy = importlib.import_module("toyworld.model")
         toy.register()
         return "toyworld"
     from svdiff_testkit import tiny
@@ -145,3 +146,34 @@ def shrink_prompt(prompt: dict, caps: dict | None = None, size: int = DEMO_SIZE,
                 if isinstance(inp.get(k), int) and inp[k] > size:
                     inp[k] = size
     return out
+
+
+def checkpoint_unet_shapes(path: str) -> dict:
+    """``{"diffusion_model.<key>.weight": shape}`` of a checkpoint's UNet weights that a spectral
+    shift can patch (floating, at least 1-D), read from the file's header only."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(path, framework="pt") as f:
+        for k in f.keys():
+            if k.startswith("model.diffusion_model.") and k.endswith(".weight"):
+                sl = f.get_slice(k)
+                shape = tuple(sl.get_shape())
+                if len(shape) >= 1 and sl.get_dtype() in ("F16", "F32", "BF16", "F64"):
+                    out[k[len("model."):]] = shape
+    return out
+
+
+def write_random_shift(ckpt_path: str, out_path: str, seed: int, scale: float = 0.02) -> str:
+    """A small random spectral shift for the demo checkpoint (tests of the load/combine graphs)."""
+    import torch
+
+    from svdiff import shiftfile  # the pack's core, aliased by the harness
+    from svdiff.shift import SpectralShift, delta_length
+
+    shapes = checkpoint_unet_shapes(ckpt_path)
+    g = torch.Generator().manual_seed(seed)
+    deltas = {k: torch.randn(delta_length(s), generator=g) * scale for k, s in shapes.items()}
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    shiftfile.save_shift(SpectralShift(deltas, shapes, {"architecture": demo_kind()}), out_path, overwrite=True)
+    return out_path
