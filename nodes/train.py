@@ -34,20 +34,23 @@ import node_helpers
 from comfy.patcher_extension import PatcherInjection
 from comfy_api.latest import io, ui
 
+from ..svdiff import attention as attn
 from ..svdiff import layers as L
 from ..svdiff import losses, training
+from ..svdiff.cutmix import CutMixTrainingSet, Subject, single_prompt, stack_masks
 from ..svdiff.shift import SpectralShift, delta_length, is_spectral_shape
 from ..svdiff.subsets import SUBSET_NAMES, select
 from .adapter import (UNET_PREFIX, architecture_of, base_weight, combined_fingerprint, shiftable_shapes, svd_cache,
                       weight_fingerprint)
-from .common import CATEGORY, SpectralShiftType, SVDiffNodeError, check_interrupt, log, progress, shift_files
+from .attention_capture import AttentionCapture, token_positions
+from .common import (CATEGORY, SpectralShiftType, SVDiffNodeError, TrainingSetType, check_interrupt, log, progress,
+                     shift_files)
 from .shifts import apply_shift, read_shift_file, save_shift_numbered
 
 NODE = "SVDiff Train"
 INJECTION_KEY = "svdiff_train"
 NONE = "[None]"
 LossMapType = io.Custom("LOSS_MAP")
-TrainingSetType = io.Custom("SVDIFF_TRAINING_SET")
 
 
 def err(field: str, msg: str) -> SVDiffNodeError:
@@ -399,6 +402,170 @@ def _unload(patcher) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Cut-Mix-Unmix data and the attention regularisers (Sec. 3.3, appendix D.1)
+# ---------------------------------------------------------------------------------------
+def parse_resolutions(text) -> Optional[set]:
+    """``attention_resolutions``: "all" (or empty) -> None; "16" / "16, 32" -> {16, 32}."""
+    t = str(text or "").strip().lower()
+    if t in ("", "all", "*"):
+        return None
+    out = set()
+    for part in re.split(r"[,;\s]+", t):
+        if not part:
+            continue
+        if not part.isdigit() or int(part) < 1:
+            raise err("attention_resolutions", f"{text!r} is not 'all' or a list of map side lengths such as '16' or '8, 16'")
+        out.add(int(part))
+    return out
+
+
+def single_subject_words(prompt: str, class_prompt: str) -> tuple:
+    """(special words, class word) of a single-subject instance prompt, for Eq. 10.
+
+    The special words are those the class prompt lacks ('sks'); the class word is the word
+    right after the last of them when the class prompt has it ('dog'), else the last word of
+    the class prompt that the instance prompt also has.
+    """
+    words = re.findall(r"[\w\[\]<>]+", prompt.lower())
+    cls_words = re.findall(r"[\w\[\]<>]+", class_prompt.lower())
+    specials = special_tokens(prompt, class_prompt)
+    if not specials:
+        raise err("prompt", f"attention_reg_weight needs a special token in the prompt that the class prompt lacks "
+                            f"(e.g. 'sks' in 'photo of a sks dog'); {prompt!r} has none")
+    last = max(i for i, w in enumerate(words) if w in specials)
+    if last + 1 < len(words) and words[last + 1] in cls_words:
+        return specials, words[last + 1]
+    for w in reversed(cls_words):
+        if w in words:
+            return specials, w
+    raise err("class_prompt", f"attention_reg_weight needs the class word (e.g. 'dog') in both the prompt and the class "
+                              f"prompt; {class_prompt!r} shares no word with {prompt!r}")
+
+
+class CutMixData:
+    """Training batches drawn from a Cut-Mix training set (Sec. 3.3, Fig. 3).
+
+    Sample ``j`` of step ``s`` is ``training_set.sample(s * batch_size + j, prior)``: a
+    deterministic function of the set's seed and the step, so resuming draws the same data.
+    Latents (VAE, no gradient), conditionings and token positions are cached.
+    """
+
+    LATENT_CACHE = 512
+
+    def __init__(self, ts: CutMixTrainingSet, model, vae, clip, resolution: int, batch_size: int):
+        self.ts, self.model, self.vae, self.clip = ts, model, vae, clip
+        self.resolution, self.batch_size = int(resolution), int(batch_size)
+        self._lat: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
+        self._cond: dict = {}
+        self._pos: dict = {}
+        self.encoded = 0
+
+    def samples(self, step: int, prior: bool = False) -> list:
+        return [self._fit(self.ts.sample(step * self.batch_size + j, prior)) for j in range(self.batch_size)]
+
+    def _fit(self, s):
+        """The sample at the training resolution (when the Builder used another one)."""
+        R = self.resolution
+        if s.image.shape[0] == R and s.image.shape[1] == R:
+            return s
+        img = F.interpolate(s.image.movedim(-1, 0)[None].float(), size=(R, R), mode="bilinear", align_corners=False,
+                            antialias=s.image.shape[0] > R)[0].movedim(0, -1).clamp(0, 1)
+        masks = F.interpolate(s.masks[None].float(), size=(R, R), mode="area" if s.masks.shape[-1] > R else "nearest")[0]
+        s.image, s.masks = img, masks
+        return s
+
+    def latent(self, s) -> torch.Tensor:
+        """Model-space latent [1, C, h, w] of a sample's image (VAE-encoded once per distinct image)."""
+        import hashlib
+
+        img = s.image.detach().float().contiguous().cpu()
+        key = hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest()
+        hit = self._lat.get(key)
+        if hit is None:
+            hit = self.model.model.process_latent_in(encode_images(self.vae, img[None], "training_set")).float()
+            self.encoded += 1
+            self._lat[key] = hit
+            while len(self._lat) > self.LATENT_CACHE:
+                self._lat.popitem(last=False)
+        else:
+            self._lat.move_to_end(key)
+        return hit
+
+    def cond(self, prompt: str):
+        e = self._cond.get(prompt)
+        if e is None:
+            e = self._cond[prompt] = _clone_cond(encode_prompt(self.clip, prompt))
+        return e
+
+    def positions(self, prompt: str, word: str) -> list:
+        key = (prompt, word)
+        if key not in self._pos:
+            self._pos[key] = token_positions(self.clip, prompt, word)
+        return self._pos[key]
+
+    def positions_or_fail(self, prompt: str, word: str, what: str) -> list:
+        pos = self.positions(prompt, word)
+        if not pos:
+            raise err("training_set", f"{what} {word!r} is not found by the CLIP tokenizer in the prompt {prompt!r}: "
+                                      "use a plain word as the token (no 'embedding:' names, brackets or weights)")
+        return pos
+
+
+def with_generated_priors(ts: CutMixTrainingSet, model, vae, clip, resolution: int, count: int, seed: int,
+                          steps: int, cfg: float, check_clip) -> tuple:
+    """The set with prior images for every subject: the Builder's, or ``count`` images generated
+    from the subject's class prompt ("photo of a dog") with the base model (cached).
+
+    Returns (training set, {subject index: number generated}).
+    """
+    generated = {}
+    subjects = []
+    neg = None
+    for i, s in enumerate(ts.subjects):
+        prior = s.prior_images
+        if prior is None:
+            if neg is None:
+                neg = _clone_cond(encode_prompt(clip, ""))
+            entry = check_clip(_clone_cond(encode_prompt(clip, single_prompt(s, prior=True))))
+            raw = generate_priors(model, entry, neg, count, resolution, training.mix_seed(seed, i, training.STREAM_CUTMIX),
+                                  steps, cfg, (single_prompt(s, prior=True), True))
+            with torch.no_grad():
+                prior = vae.decode(raw.float()).float().clamp(0, 1)
+            if prior.ndim == 5:
+                prior = prior.reshape(-1, *prior.shape[-3:])
+            generated[i] = int(prior.shape[0])
+        subjects.append(Subject(s.images, s.token, s.class_word, prior))
+    if not generated:
+        return ts, generated
+    return CutMixTrainingSet(subjects, ts.config, ts.resolution), generated
+
+
+def cutmix_settings(ts: CutMixTrainingSet, generated: dict) -> dict:
+    """The Cut-Mix settings recorded in the shift's training metadata."""
+    c = ts.config
+    return {
+        "probability": c.probability, "layout": c.layout, "and_prompt_probability": c.and_prompt_probability,
+        "seed": c.seed, "resolution": ts.resolution,
+        "subjects": [{"token": s.token, "class_word": s.class_word, "images": int(s.images.shape[0]),
+                      "prior_images": int(s.prior_images.shape[0]) if s.prior_images is not None else 0,
+                      "prior_generated": i in generated} for i, s in enumerate(ts.subjects)],
+    }
+
+
+def concat_maps(parts: list) -> dict:
+    """Captured maps of several forwards (block -> [b_i, P, T]) joined along the batch."""
+    if len(parts) == 1:
+        return parts[0]
+    keys = set(parts[0])
+    return {k: torch.cat([p[k] for p in parts], 0) for k in keys if all(k in p for p in parts)}
+
+
+def select_maps(maps: dict, idx: list) -> dict:
+    ix = torch.tensor(idx, dtype=torch.long)
+    return {k: m[ix.to(m.device)] for k, m in maps.items()}
+
+
+# ---------------------------------------------------------------------------------------
 # The training run
 # ---------------------------------------------------------------------------------------
 def train(node_inputs: dict) -> tuple:
@@ -432,6 +599,19 @@ def train(node_inputs: dict) -> tuple:
     if rank < 0:
         raise err("rank", f"must be >= 0 (0 = all singular values), got {rank}")
     prompt, class_prompt = a.get("prompt") or "", a.get("class_prompt") or ""
+    unmix_weight = a.get("unmix_weight", 0.0)
+    reg_weight = a.get("attention_reg_weight", 0.0)
+    threshold = a.get("attention_threshold", 0.5)
+    for field, v in (("unmix_weight", unmix_weight), ("attention_reg_weight", reg_weight)):
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise err(field, f"must be a finite number >= 0 (0 = off), got {v}")
+    if not isinstance(threshold, (int, float)) or not 0.0 <= threshold < 1.0:
+        raise err("attention_threshold", f"must be in [0, 1) (a fraction of the class token's peak attention), got {threshold}")
+    unmix_weight, reg_weight, threshold = float(unmix_weight), float(reg_weight), float(threshold)
+    att_res = parse_resolutions(a.get("attention_resolutions", "all"))
+    training_set = a.get("training_set")
+    if training_set is not None and not isinstance(training_set, CutMixTrainingSet):
+        raise err("training_set", f"expected a training set from the Cut-Mix Builder, got {type(training_set).__name__}")
     target, sigma_data = prediction_target(model)
     unet_ctx = (getattr(model.model, "model_config", None) and model.model.model_config.unet_config.get("context_dim")) or None
 
@@ -448,7 +628,29 @@ def train(node_inputs: dict) -> tuple:
 
     with torch.inference_mode(False):
         # --- instance data ---
-        if images:
+        cutmix = None
+        cutmix_meta = None
+        if training_set is not None:
+            route = "cutmix"
+            if latents_in:
+                raise err("training_set", "Cut-Mix is unavailable with pre-encoded latents + positive (the images must be "
+                                          "cut and mixed before encoding, and each prompt is written per sample): "
+                                          "disconnect latents/positive, or the training_set")
+            if clip is None:
+                raise err("clip", "a CLIP is needed to encode the prompts of the Cut-Mix training set")
+            if vae is None:
+                raise err("vae", "a VAE is needed to encode the images of the Cut-Mix training set")
+            if images:
+                notes.append("images: ignored because a training_set is connected (its subjects are the training images)")
+            if training_set.resolution != resolution:
+                notes.append(f"training_set: built at {training_set.resolution} px, resized to the training resolution "
+                             f"{resolution}; give the Cut-Mix Builder the same resolution to avoid resampling twice")
+            cutmix = CutMixData(training_set, model, vae, clip, resolution, batch_size)
+            first = cutmix.samples(0)[0]
+            inst_latents = cutmix.latent(first)  # shape and a first check of the VAE
+            inst_entries = [check_clip(cutmix.cond(first.prompt))]
+            inst_cond_idx = [0]
+        elif images:
             route = "images"
             if clip is None:
                 raise err("clip", "a CLIP is needed to encode the prompt of the images (or use latents + positive)")
@@ -484,13 +686,55 @@ def train(node_inputs: dict) -> tuple:
                 train_te = False
         else:
             raise err("images", "no training images: connect images (with vae and clip) or latents + positive")
-        if images and latents_in:
+        if images and latents_in and route == "images":
             notes.append("latents: ignored because images are connected")
-        inst_latents = model.model.process_latent_in(inst_latents)
+        if route != "cutmix":
+            inst_latents = model.model.process_latent_in(inst_latents)
+
+        # --- the attention regularisers: what they need ---
+        if unmix_weight > 0 and route != "cutmix":
+            raise err("unmix_weight", "the unmix regularisation needs a Cut-Mix training_set (two or more subjects in one "
+                                      "image); connect one, or set unmix_weight to 0")
+        if reg_weight > 0 and route == "latents":
+            raise err("attention_reg_weight", "Eq. 10 needs the prompt text to find the special and class tokens, which "
+                                              "pre-encoded latents + positive lack; use images (or a training_set), or set it to 0")
+        single_pos = None
+        if reg_weight > 0 and route == "images":
+            specials, class_word = single_subject_words(prompt, class_prompt)
+            sp = sorted({p for w in specials for p in token_positions(clip, prompt, w)})
+            cp = token_positions(clip, prompt, class_word)
+            if not sp:
+                raise err("prompt", f"the special token(s) {specials} are not found by the CLIP tokenizer in {prompt!r}")
+            if not cp:
+                raise err("class_prompt", f"the class word {class_word!r} is not found by the CLIP tokenizer in {prompt!r}")
+            single_pos = (sp, cp)
+        if route == "cutmix" and (unmix_weight > 0 or reg_weight > 0):
+            for i, s_ in enumerate(training_set.subjects):
+                p_ = single_prompt(s_)
+                cutmix.positions_or_fail(p_, s_.token, f"subject {i + 1}'s token")
+                if reg_weight > 0:
+                    cutmix.positions_or_fail(p_, s_.class_word, f"subject {i + 1}'s class word")
+            if unmix_weight > 0 and training_set.config.probability == 0:
+                notes.append("unmix_weight: the training set never mixes two subjects (probability 0), so the unmix term is never used")
 
         # --- prior data ---
         prior_latents, prior_entry = None, None
-        if prior_weight > 0:
+        if prior_weight > 0 and route == "cutmix":
+            if _split_images(a.get("prior_images")):
+                notes.append("prior_images: ignored because a training_set is connected (give each subject's prior images to the Cut-Mix Builder)")
+            n = int(a.get("num_prior_images", 8))
+            if n < 1:
+                raise err("num_prior_images", "must be >= 1 when prior_weight > 0 and a subject has no prior images")
+            ts2, generated = with_generated_priors(training_set, model, vae, clip, resolution, n, seed,
+                                                   int(a.get("prior_steps", 20)), float(a.get("prior_cfg", 7.0)), check_clip)
+            if generated:
+                notes.append(f"prior_weight: generated {n} prior images for subject(s) "
+                             f"{', '.join(str(i + 1) for i in sorted(generated))} from their class prompts")
+            cutmix.ts = ts2
+            cutmix_meta = cutmix_settings(ts2, generated)
+        elif route == "cutmix":
+            cutmix_meta = cutmix_settings(training_set, {})
+        elif prior_weight > 0:
             if clip is not None and class_prompt.strip():
                 prior_entry = check_clip(_clone_cond(encode_prompt(clip, class_prompt)))
             elif a.get("prior_conditioning"):
@@ -538,6 +782,15 @@ def train(node_inputs: dict) -> tuple:
         if a.get("gradient_checkpointing"):
             unet.injection.checkpoint_roots = [mp.model.diffusion_model]
         mp.set_injections(INJECTION_KEY, [unet.injection.patcher_injection()])
+        capture = None
+        if unmix_weight > 0 or reg_weight > 0:
+            # attn2 replacement on the training clone only (before it is loaded); nothing when both weights are 0
+            prev = mp.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2")
+            if prev:
+                notes.append("unmix_weight/attention_reg_weight: the MODEL's own cross-attention replacement patches "
+                             f"({len(prev)}) are not used while training (the attention capture replaces them on the training copy)")
+            capture = AttentionCapture(att_res)
+            capture.install(mp)
 
         te = None
         clip_t = None
@@ -561,8 +814,15 @@ def train(node_inputs: dict) -> tuple:
         settings = {
             "subset": subset, "rank": rank, "learning_rate": lr, "learning_rate_1d": lr_1d, "optimizer": a["optimizer"],
             "seed": seed, "batch_size": batch_size, "prior_weight": prior_weight, "resolution": resolution,
-            "train_text_encoder": te is not None, "prompt": prompt, "class_prompt": class_prompt, "target": target,
+            "train_text_encoder": te is not None, "prompt": prompt if route != "cutmix" else "",
+            "class_prompt": class_prompt if route != "cutmix" else "", "target": target,
         }
+        if cutmix_meta is not None:
+            settings["cutmix"] = cutmix_meta
+        if capture is not None:
+            settings.update({"unmix_weight": unmix_weight, "attention_reg_weight": reg_weight,
+                             "attention_threshold": threshold,
+                             "attention_resolutions": sorted(att_res) if att_res else "all"})
         resume = a.get("resume_from") or NONE
         if resume != NONE:
             try:
@@ -575,7 +835,8 @@ def train(node_inputs: dict) -> tuple:
                     start_step, deltas, opt_tensors, saved = training.load_training_state(spath)
                 except Exception as e:
                     raise err("resume_from", f"training state {os.path.basename(spath)} is unusable: {e}") from None
-                diff = training.settings_mismatch(saved, settings, ["subset", "rank", "optimizer", "seed", "batch_size", "train_text_encoder"])
+                diff = training.settings_mismatch(saved, settings, ["subset", "rank", "optimizer", "seed", "batch_size", "train_text_encoder",
+                                                                     "cutmix", "unmix_weight", "attention_reg_weight"])
                 if diff:
                     notes.append(f"resume_from: settings differ from the saved run ({', '.join(diff)}); resuming anyway, the result will not match an uninterrupted run")
             else:
@@ -607,7 +868,8 @@ def train(node_inputs: dict) -> tuple:
         metadata_base = {
             "architecture": architecture_of(model), "subset": subset, "rank": rank,
             "base_fingerprint": combined_fingerprint(unet.fps),
-            "trigger_words": " ".join(special_tokens(prompt, class_prompt)) if prompt else "",
+            "trigger_words": (" ".join(s_.token for s_ in training_set.subjects) if route == "cutmix"
+                              else " ".join(special_tokens(prompt, class_prompt)) if prompt else ""),
         }
         if te is not None:
             metadata_base["clip_fingerprint"] = combined_fingerprint(te.fps)
@@ -635,6 +897,40 @@ def train(node_inputs: dict) -> tuple:
             saved_paths.append(path)
             log.info("[%s] saved %s at step %d", NODE, os.path.basename(path), step_done)
 
+        cutmix_kw: dict = {}
+
+        def attention_terms(maps: dict, shapes: dict, inst_samples, bi: int, step: int):
+            """unmix_weight * Sec. 3.3 unmix loss (mixed instance samples) + attention_reg_weight * Eq. 10
+            (single-subject instance samples), on this step's captured cross-attention maps."""
+            if not maps:
+                raise err("attention_resolutions", f"no cross-attention map of side {sorted(att_res or [])} at resolution "
+                                                   f"{resolution}; this model's maps here have sides {sorted(capture.seen)} (or use 'all')")
+            total = 0.0
+            if unmix_weight > 0:
+                mixed = [j for j, s_ in enumerate(inst_samples) if s_.mixed]
+                lu = None
+                if mixed:
+                    ms_ = [inst_samples[j] for j in mixed]
+                    ids = [[cutmix.positions_or_fail(s_.prompt, w, "the token") for w in s_.words] for s_ in ms_]
+                    lu = attn.unmix_loss(select_maps(maps, mixed), ids, stack_masks(ms_).to(device), shapes)
+                    total = total + unmix_weight * lu
+                loss_map.setdefault("unmix", []).append(float(lu.detach()) if lu is not None else 0.0)
+            if reg_weight > 0:
+                if route == "cutmix":
+                    single = [j for j, s_ in enumerate(inst_samples) if not s_.mixed]
+                    sp = [cutmix.positions_or_fail(inst_samples[j].prompt, inst_samples[j].tokens[0], "the token") for j in single]
+                    cp = [cutmix.positions_or_fail(inst_samples[j].prompt, inst_samples[j].class_words[0], "the class word")
+                          for j in single]
+                else:
+                    single = list(range(bi))
+                    sp, cp = [single_pos[0]] * bi, [single_pos[1]] * bi
+                lr_ = None
+                if single:
+                    lr_ = attn.attention_reg_loss(select_maps(maps, single), sp, cp, threshold)
+                    total = total + reg_weight * lr_
+                loss_map.setdefault("attention_reg", []).append(float(lr_.detach()) if lr_ is not None else 0.0)
+            return total
+
         # --- the loop ---
         ms = mp.get_model_object("model_sampling")
         num_t = len(ms.sigmas)
@@ -661,39 +957,73 @@ def train(node_inputs: dict) -> tuple:
                     for i in range(steps):
                         check_interrupt()
                         step = start_step + i
-                        idx = training.data_indices(seed, step, batch_size, n_inst)
-                        x0_parts = [inst_latents_d[idx]]
-                        if te is not None:
-                            entry = encode_prompt(clip_t, prompt, grad=True)
-                            if prior_weight > 0:
-                                pe = encode_prompt(clip_t, class_prompt, grad=True) if tok_prior is not None else prior_entry
-                            mm.load_models_gpu([mp], force_full_load=True)
-                            kw_inst = [model_kwargs(mp, entry, inst_latents_d[:1])] * len(idx)
-                            kw_prior_one = model_kwargs(mp, pe, inst_latents_d[:1]) if prior_weight > 0 else None
+                        inst_samples = None
+                        if route == "cutmix":
+                            inst_samples = cutmix.samples(step)
+                            all_samples = inst_samples + (cutmix.samples(step, prior=True) if prior_weight > 0 else [])
+                            grown = cutmix.encoded + len(cutmix._cond)
+                            x0 = torch.cat([cutmix.latent(s_) for s_ in all_samples], 0).to(device)
+                            prompts = [s_.prompt for s_ in all_samples]
+                            if te is not None:
+                                enc = {p_: encode_prompt(clip_t, p_, grad=True) for p_ in dict.fromkeys(prompts)}
+                                mm.load_models_gpu([mp], force_full_load=True)
+                                kwp = {p_: model_kwargs(mp, e_, x0[:1]) for p_, e_ in enc.items()}
+                            else:
+                                for p_ in dict.fromkeys(prompts):
+                                    if p_ not in cutmix_kw:
+                                        cutmix_kw[p_] = model_kwargs(mp, check_clip(cutmix.cond(p_)), x0[:1])
+                                if cutmix.encoded + len(cutmix._cond) != grown:
+                                    mm.load_models_gpu([mp], force_full_load=True)  # the VAE/CLIP may have displaced it
+                                kwp = cutmix_kw
+                            kw_parts = [kwp[p_] for p_ in prompts]
+                            bi = len(inst_samples)
                         else:
-                            kw_inst = [static_inst_kw[inst_cond_idx[j]] for j in idx]
-                            kw_prior_one = static_prior_kw
-                        kw_parts = list(kw_inst)
-                        if prior_weight > 0:
-                            pidx = training.data_indices(seed, step, batch_size, n_prior, training.STREAM_PRIOR_DATA)
-                            x0_parts.append(prior_latents_d[pidx])
-                            kw_parts += [kw_prior_one] * len(pidx)
-                        x0 = torch.cat(x0_parts, 0)
+                            idx = training.data_indices(seed, step, batch_size, n_inst)
+                            x0_parts = [inst_latents_d[idx]]
+                            if te is not None:
+                                entry = encode_prompt(clip_t, prompt, grad=True)
+                                if prior_weight > 0:
+                                    pe = encode_prompt(clip_t, class_prompt, grad=True) if tok_prior is not None else prior_entry
+                                mm.load_models_gpu([mp], force_full_load=True)
+                                kw_inst = [model_kwargs(mp, entry, inst_latents_d[:1])] * len(idx)
+                                kw_prior_one = model_kwargs(mp, pe, inst_latents_d[:1]) if prior_weight > 0 else None
+                            else:
+                                kw_inst = [static_inst_kw[inst_cond_idx[j]] for j in idx]
+                                kw_prior_one = static_prior_kw
+                            kw_parts = list(kw_inst)
+                            if prior_weight > 0:
+                                pidx = training.data_indices(seed, step, batch_size, n_prior, training.STREAM_PRIOR_DATA)
+                                x0_parts.append(prior_latents_d[pidx])
+                                kw_parts += [kw_prior_one] * len(pidx)
+                            x0 = torch.cat(x0_parts, 0)
+                            bi = len(idx)
                         g = training.generator(seed, step, training.STREAM_NOISE)
                         noise = torch.randn(x0.shape, generator=g).to(device)
                         tidx = training.timestep_draw(g, x0.shape[0], num_t).to(device)
                         sigma = sigmas_all[tidx].float()
                         kwargs = concat_kwargs(kw_parts)
+                        map_parts = []
+                        if capture is not None:
+                            capture.clear()
                         if kwargs is not None:
                             x0p = denoise_x0(mp, x0, noise, sigma, kwargs, topts)
+                            if capture is not None:
+                                map_parts.append(capture.maps())
                         else:
-                            x0p = torch.cat([denoise_x0(mp, x0[j:j + 1], noise[j:j + 1], sigma[j:j + 1], kw_parts[j], topts)
-                                             for j in range(x0.shape[0])], 0)
+                            outs = []
+                            for j in range(x0.shape[0]):
+                                outs.append(denoise_x0(mp, x0[j:j + 1], noise[j:j + 1], sigma[j:j + 1], kw_parts[j], topts))
+                                if capture is not None:
+                                    map_parts.append(capture.maps())
+                                    capture.clear()
+                            x0p = torch.cat(outs, 0)
                         e2 = losses.target_error(x0p.float(), x0.float(), sigma, target, sigma_data).pow(2)
-                        bi = len(idx)
                         inst_loss = e2[:bi].mean()
                         prior_loss = e2[bi:].mean() if prior_weight > 0 else None
                         loss = losses.svdiff_loss(inst_loss, prior_loss, prior_weight)
+                        if capture is not None:
+                            loss_map.setdefault("denoise", []).append(float(loss.detach()))
+                            loss = loss + attention_terms(concat_maps(map_parts), capture.shapes(), inst_samples, bi, step)
                         if not torch.isfinite(loss):
                             raise err("learning_rate", f"the loss became {float(loss)} at step {step + 1}; lower the learning rate or use fp32")
                         optimizer.zero_grad(set_to_none=True)
@@ -715,7 +1045,10 @@ def train(node_inputs: dict) -> tuple:
         shift = current_shift(done)
         shift.metadata["training"]["seconds"] = round(time.perf_counter() - t0, 3)
         out_model, out_clip = apply_shift(NODE, model, clip, _without_fp(shift), 1.0, 1.0, "the trained shift")
+        if capture is not None:
+            capture.clear()
         report = {"notes": notes, "routes": unet.routes(), "saved": saved_paths, "steps": done, "missing": unet.missing,
+                  "cutmix": cutmix, "attention_capture": capture is not None,
                   "instance_latents": inst_latents.cpu(), "instance_entry": inst_entries[0],
                   "prior_latents": prior_latents.cpu() if prior_latents is not None else None, "prior_entry": prior_entry}
         return out_model, out_clip, shift, loss_map, done, report
@@ -791,6 +1124,11 @@ class SVDiffTrain(io.ComfyNode):
                 io.Int.Input("save_every", default=0, min=0, max=100000, tooltip="Save the shift (and a resumable training state beside it) every N steps and at the end; 0 = never."),
                 io.String.Input("filename_prefix", default="svdiff/train", tooltip="File name prefix for saves inside models/svdiff (a number is appended)."),
                 io.Combo.Input("resume_from", options=[NONE] + shift_files(), default=NONE, tooltip="Continue training from a shift file in models/svdiff (exactly, when its training state is beside it)."),
+                TrainingSetType.Input("training_set", optional=True, tooltip="Multi-subject training set from the Cut-Mix Builder, used instead of images + prompt: each step draws a cut-mixed pair of subjects with the set's probability, else one subject (prior samples likewise). Not available with latents + positive."),
+                io.Float.Input("unmix_weight", optional=True, default=0.0, min=0.0, max=1000.0, step=0.01, tooltip="Weight of the 'unmix' cross-attention regularisation (Sec. 3.3, needs a training_set): penalises each subject token's attention on the other subject's region of a cut-mixed image. 0 = off (no attention capture, no cost)."),
+                io.Float.Input("attention_reg_weight", optional=True, default=0.0, min=0.0, max=1000.0, step=0.01, tooltip="Weight of the cross-attention regularisation of appendix D.1 (Eq. 10) on single-subject samples: the special token may not attend outside the class word's attention mask. 0 = off (no cost)."),
+                io.Float.Input("attention_threshold", optional=True, default=0.5, min=0.0, max=0.99, step=0.01, tooltip="Eq. 10: the class word's attention map, divided by its maximum, above this value is the subject mask M."),
+                io.String.Input("attention_resolutions", optional=True, default="all", tooltip="Which cross-attention maps the attention losses use, by side length of the map: 'all', or e.g. '16' or '8, 16' (SD1.5 at 512 px has 64, 32, 16 and 8)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model patched with the trained shift."),
