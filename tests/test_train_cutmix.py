@@ -129,10 +129,14 @@ def test_cutmix_training_set_trains_and_its_loss_falls(ckpt):
 def test_prior_samples_come_from_the_set_and_are_mixed_too(ckpt, shift_dir):
     import svdiff.shiftfile as SF
 
-    ts = training_set(prior=True)
+    ts = training_set(prior=True, resolution=96)  # built at another resolution than the training one
     _, _, shift, lm, done, rep = run(args(ckpt, training_set=ts, steps=2, prior_weight=1.0, save_every=2,
                                           filename_prefix="svdiff/test_cutmix_prior"))
+    assert any("built at 96 px, resized to the training resolution 64" in n for n in rep["notes"]), rep["notes"]
     data = rep["cutmix"]
+    s0 = data.samples(0)[0]
+    assert s0.image.shape == (64, 64, 3) and s0.masks.shape[-2:] == (64, 64)
+    assert torch.allclose(s0.masks.sum(0), torch.ones(64, 64))
     assert data.ts is ts  # every subject brought its prior images: nothing generated
     priors = [data.samples(s, prior=True)[0] for s in range(20)]
     assert any(p.mixed for p in priors) and any(not p.mixed for p in priors)
@@ -164,6 +168,13 @@ def test_unmix_weight_changes_delta_and_zero_changes_nothing(ckpt):
     _, _, on8, lm8, _, _ = run(dict(base, unmix_weight=200.0, attention_resolutions="8"))
     assert max(lm8["unmix"]) > 0 and lm8["unmix"] != lm_on["unmix"]
     assert max_diff(on8, plain) > 1e-6
+    # special tokens that the CLIP tokenizer splits into several tokens: every piece is used
+    multi = training_set(tokens=("sksqzv", "htaxwj"), probability=0.9)
+    _, _, _, lm_m, _, rep_m = run(dict(base, training_set=multi, unmix_weight=200.0, steps=1))
+    s0 = rep_m["cutmix"].samples(0)[0]
+    pos = [rep_m["cutmix"].positions(s0.prompt, w) for w in s0.words]
+    assert s0.mixed and all(len(p) > 1 for p in pos), pos
+    assert lm_m["unmix"][0] > 0
 
 
 def test_attention_reg_eq10_changes_delta_and_zero_changes_nothing(ckpt):
@@ -189,6 +200,24 @@ def test_attention_reg_eq10_changes_delta_and_zero_changes_nothing(ckpt):
     singles = [not data.samples(s)[0].mixed for s in range(4)]
     assert [v > 0 for v in lm_both["attention_reg"]] == singles
     assert [v > 0 for v in lm_both["unmix"]] == [not s for s in singles]
+
+
+def test_resume_and_text_encoder_with_cutmix_and_attention_losses(ckpt, shift_dir):
+    ts = training_set(probability=0.6)
+    kw = dict(training_set=ts, unmix_weight=50.0, attention_reg_weight=50.0, seed=2)
+    _, _, full, _, _, _ = run(args(ckpt, steps=4, **kw))
+    _, _, _, _, _, rep = run(args(ckpt, steps=2, save_every=2, filename_prefix="svdiff/test_cutmix_resume", **kw))
+    rel = os.path.relpath(rep["saved"][-1], shift_dir)
+    _, _, resumed, lm, done, rep2 = run(args(ckpt, steps=2, resume_from=rel, **kw))
+    assert done == 4 and len(lm["loss"]) == 2
+    assert not any("settings differ" in n for n in rep2["notes"]), rep2["notes"]
+    assert same_deltas(full, resumed), "2 + 2 steps with resume_from = 4 steps (same Cut-Mix samples, same noise)"
+    # text encoder trained too: the per-step prompts are encoded with gradient
+    _, c, sh, lm_te, _, _ = run(args(ckpt, steps=2, training_set=ts, train_text_encoder=True, unmix_weight=50.0,
+                                     subset="UNet-CA-KV", learning_rate=5e-2))
+    clip_keys = [k for k in sh.deltas if not k.startswith("diffusion_model.")]
+    assert clip_keys and any(float(sh.deltas[k].abs().sum()) > 0 for k in clip_keys if len(sh.shapes[k]) == 2)
+    assert len(lm_te["unmix"]) == 2
 
 
 def test_bad_inputs_name_the_node_and_field(ckpt):
