@@ -119,7 +119,10 @@ ALLOWED = {
                           "data no tensor owns", "data outside the file", "pickle refused"},
     "malformed header JSON": {"header length does not fit", "header not UTF-8", "header JSON malformed", "header not a JSON object", "duplicate key",
                               "tensor entry malformed", "data no tensor owns", "not a shift (LoRA/checkpoint?)",
-                              "metadata not str->str"},
+                              "metadata not str->str",
+                              # deleting the comma of [a,b] leaves valid JSON with one merged number
+                              "invalid data offsets", "invalid shape", "byte count != shape x dtype", "data outside the file",
+                              "overlap or gap"},
     "huge header": {"header over the size limit", "file over the size limit", "no shapes table", "format from the future",
                     "tensor entry malformed", "header JSON malformed"},
     "dtype mismatch": {"dtype refused", "byte count != shape x dtype"},
