@@ -23,3 +23,10 @@ bench: setup
 
 clean:
 	rm -rf .venv .comfyui build
+
+.PHONY: toyworld
+# Rebuild the toy world's committed weights on the CPU (classifier, then VAE + UNet + CLIP; ~40 min on 2 idle cores).
+toyworld: setup
+	TOYWORLD_THREADS=$${TOYWORLD_THREADS:-1} $(PY) tools/toyworld/classifier.py
+	TOYWORLD_THREADS=$${TOYWORLD_THREADS:-1} $(PY) tools/toyworld/train.py
+	TOYWORLD_THREADS=$${TOYWORLD_THREADS:-1} $(PY) tools/toyworld/evaluate.py

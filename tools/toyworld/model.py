@@ -126,10 +126,10 @@ def install_checkpoint(checkpoints_dir: str) -> str:
 
 
 @torch.no_grad()
-def init_weights(module: torch.nn.Module, seed: int, std: float = 0.02, emb_std: float = 0.3) -> None:
+def init_weights(module: torch.nn.Module, seed: int, std: float = 0.02, emb_std: float = 0.3, gain: float = 1.0) -> None:
     """ComfyUI's ops skip weight initialisation: fill every parameter deterministically.
 
-    Matrices get ``max(std, 1/sqrt(fan_in))``; embeddings a larger ``emb_std`` (a random
+    Matrices get ``max(std, gain/sqrt(fan_in))``; embeddings a larger ``emb_std`` (a random
     CLIP with small embeddings carries prompt information only at the word positions).
     """
     g = torch.Generator().manual_seed(seed)
@@ -145,7 +145,7 @@ def init_weights(module: torch.nn.Module, seed: int, std: float = 0.02, emb_std:
             p.copy_(torch.randn(p.shape, generator=g) * emb_std)
         else:
             fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=g) * max(std, 1.0 / fan_in**0.5))
+            p.copy_(torch.randn(p.shape, generator=g) * max(std, gain / fan_in**0.5))
 
 
 def build(seed: int = 0, dtype=torch.float32):
@@ -168,7 +168,11 @@ def build(seed: int = 0, dtype=torch.float32):
     with torch.inference_mode(False):
         init_weights(clip.cond_stage_model, seed + 1)
         vae = comfy.taesd.taesd.TAESD()
-        init_weights(vae, seed + 2, std=0.0)
+        init_weights(vae, seed + 2, std=0.0, gain=2.0**0.5)  # He init for the ReLU codec
+        with torch.no_grad():
+            for m in vae.modules():  # each residual Block starts as ReLU(x): a deep codec that trains
+                if isinstance(m, comfy.taesd.taesd.Block):
+                    m.conv[4].weight.zero_()
     return model, clip, vae
 
 

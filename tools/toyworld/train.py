@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/toyworld/train.py [--out PATH] [--scale F]
 
-Environment: ``TOYWORLD_THREADS`` (torch threads, default 2), ``TOYWORLD_SCALE`` (multiplies
+Environment: ``TOYWORLD_THREADS`` (torch threads, default 1: on a shared, busy CPU two threads ran 10x slower than one), ``TOYWORLD_SCALE`` (multiplies
 every step count; 0.02 gives a one-minute smoke run).  Seeds are fixed; with the same thread
 count and torch build the run is repeatable.  Prints timings per stage.
 
@@ -78,7 +78,7 @@ def train_vae(vae, steps, seed):
     params = list(vae.taesd_encoder.parameters()) + list(vae.taesd_decoder.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=2e-3)
+    opt = torch.optim.Adam(params, lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))))
     for step in range(steps):
         imgs = np.stack([world.render(world.random_scene(rng, world.ALL_SHAPES, two_prob=0.35)) for _ in range(VAE_BATCH)])
@@ -248,7 +248,7 @@ def main():
     ap.add_argument("--n-latents", type=int, default=None)
     ap.add_argument("--snapshots", default=None, help="path prefix: also write the EMA weights every %d steps" % SNAPSHOT_EVERY)
     args = ap.parse_args()
-    threads = int(os.environ.get("TOYWORLD_THREADS", "2"))
+    threads = int(os.environ.get("TOYWORLD_THREADS", "1"))
     torch.set_num_threads(threads)
     boot_comfy()
     from safetensors.torch import save_file
