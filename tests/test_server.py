@@ -9,6 +9,7 @@ their outputs.  The server is stopped with Ctrl-C and must exit by itself.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import tempfile
@@ -98,8 +99,9 @@ def run_workflow(server, name: str, timeout: float = 100.0):
     return entry, files
 
 
-RUNNABLE = [n for n in ("01_single_subject.json", "02_load_shift.json", "04_single_image_editing.json",
-                        "05_combine_interpolate.json") if os.path.isfile(os.path.join(WF_DIR, n))]
+RUNNABLE = [n for n in ("01_single_subject.json", "02_load_shift.json", "03_multi_subject.json",
+                        "04_single_image_editing.json", "05_combine_interpolate.json")
+            if os.path.isfile(os.path.join(WF_DIR, n))]
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -113,6 +115,14 @@ def test_workflow_runs_through_prompt_endpoint(server, name):
     if name == "01_single_subject.json":  # the trained shift was saved next to the pre-made one
         saved = glob.glob(os.path.join(server.base, "models", "svdiff", "my_subject_000*_.safetensors"))
         assert len(saved) >= 2, saved
+    if name == "03_multi_subject.json":  # one shift for both subjects, with the Cut-Mix settings in it
+        saved = glob.glob(os.path.join(server.base, "models", "svdiff", "my_two_subjects_000*_.safetensors"))
+        assert len(saved) == 1, saved
+        from safetensors import safe_open
+
+        with safe_open(saved[0], framework="pt") as f:
+            meta = json.dumps(f.metadata())
+        assert "sks" in meta and "hta" in meta, meta[:2000]
 
 
 def test_missing_shift_file_fails_with_node_and_field_named(server):
