@@ -128,10 +128,12 @@ def inverse_step(
     That is the fixed point ``x_hi = x_lo + (sigma_hi - sigma_lo) * eps_hat(x_hi, sigma_hi)``
     with ``eps_hat(x, sigma) = (x - D(x, sigma)) / sigma``.  Plain DDIM inversion (Eq. 6, as
     in DDIM Sec. 4.3 and diffusers' DDIMInverseScheduler) approximates the unknown
-    ``eps_hat(x_hi, sigma_hi)`` by ``eps_hat(x_lo, sigma_hi)``: the model is evaluated at the
-    known latent but at the *target* level, so it never divides by sigma_lo (which is 0 at
-    the clean end).  ``refine_iterations`` > 0 then iterates the fixed point, each iteration
-    one more model evaluation, so that sampling back retraces the path far more closely.
+    ``x_hi`` by the known latent in DDIM's variance-preserving scale, ``z_hi ~ z_lo``: the
+    network sees ``z_lo`` labelled with the *target* level, i.e. ``eps_hat(x_lo * r, sigma_hi)``
+    with ``r = sqrt((1 + sigma_hi^2) / (1 + sigma_lo^2))``.  It only divides by sigma_hi, never
+    by sigma_lo (which is 0 at the clean end).  ``refine_iterations`` > 0 then iterates the
+    fixed point, one more model evaluation each, so that sampling back retraces the path far
+    more closely.
     """
     if float(sigma_hi) <= 0.0:
         raise InversionError(f"inverse step needs sigma_hi > 0, got {float(sigma_hi)}")
@@ -143,7 +145,8 @@ def inverse_step(
         d = (x_eval - denoise(x_eval, sigma_hi)) / sigma_hi
         return x_lo - d * dt
 
-    x_hi = step_from(x_lo)
+    r = math.sqrt((1.0 + float(sigma_hi) ** 2) / (1.0 + float(sigma_lo) ** 2))
+    x_hi = step_from(x_lo * r)
     for _ in range(int(refine_iterations)):
         x_hi = step_from(x_hi)
     return x_hi
