@@ -15,7 +15,6 @@ from comfy_api.latest import io, ui
 from ..svdiff import arithmetic as A
 from ..svdiff import inspect as I
 from ..svdiff import shiftfile
-from ..svdiff.fileio import UnsafePathError, atomic_write_bytes, is_within, sanitize_prefix
 from ..svdiff.shift import SpectralShift
 from ..svdiff.subsets import LAYER_PRESET_NAMES, STYLE_PRESETS, SUBSETS
 from . import interchange as X
@@ -292,24 +291,12 @@ def lora_save_dir(choice: str) -> str:
 def save_lora_numbered(node: str, sd: dict, metadata: dict, folder: str, filename_prefix: str) -> str:
     from safetensors.torch import save
 
-    from .shifts import next_free_path
+    from .common import save_numbered
 
-    try:
-        prefix = sanitize_prefix(filename_prefix)
-    except UnsafePathError as e:
-        raise SVDiffNodeError(node, f"filename_prefix: {e}") from None
     data = save(sd, metadata={k: str(v) for k, v in metadata.items()})
-    for _ in range(100):
-        path, _rel = next_free_path(folder, prefix)
-        if not is_within(path, folder):
-            raise SVDiffNodeError(node, f"filename_prefix: {filename_prefix!r} would write outside {folder}")
-        try:
-            atomic_write_bytes(path, data, overwrite=False)
-        except FileExistsError:
-            continue
-        getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
-        return path
-    raise SVDiffNodeError(node, "filename_prefix: could not find a free file name")
+    path = save_numbered(node, data, folder, filename_prefix)
+    getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
+    return path
 
 
 class SVDiffToLoRA(io.ComfyNode):

@@ -64,3 +64,52 @@ def progress(total: int):
 
 def compute_device():
     return comfy.model_management.get_torch_device()
+
+
+def next_free_path(folder: str, prefix: str, ext: str = ".safetensors") -> tuple[str, str]:
+    """ComfyUI's numbered-filename convention: <prefix>_<counter:05>_<ext>, first free number.
+
+    Raises UnsafePathError, before any folder is created, when the prefix's folder resolves
+    outside ``folder`` (a symbolic link inside it may point anywhere).
+    """
+    from ..svdiff.fileio import UnsafePathError, is_within
+
+    if not is_within(os.path.dirname(os.path.join(folder, prefix)), folder):
+        raise UnsafePathError(f"filename_prefix {prefix!r} would write outside {folder} (through a symbolic link?)")
+    full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder)
+    os.makedirs(full_folder, exist_ok=True)
+    while True:
+        name = f"{filename}_{counter:05}_{ext}"
+        path = os.path.join(full_folder, name)
+        if not os.path.lexists(path):
+            return path, os.path.join(subfolder, name) if subfolder else name
+        counter += 1
+
+
+def save_numbered(node: str, data: bytes, folder: str, filename_prefix: str, ext: str = ".safetensors") -> str:
+    """Write ``data`` as the next free numbered file under ``folder``: atomic, never overwriting.
+
+    Every problem with the prefix (``..``, absolute paths, refused characters, a symbolic
+    link or a file in the way) is an SVDiffNodeError naming the node and ``filename_prefix``.
+    """
+    from ..svdiff.fileio import UnsafePathError, atomic_write_bytes, is_within, sanitize_prefix
+
+    try:
+        prefix = sanitize_prefix(filename_prefix)
+    except UnsafePathError as e:
+        raise SVDiffNodeError(node, str(e)) from None
+    for _ in range(100):
+        try:
+            path, _rel = next_free_path(folder, prefix, ext)
+        except UnsafePathError as e:
+            raise SVDiffNodeError(node, str(e)) from None
+        except OSError as e:  # e.g. a file where a sub-folder should be
+            raise SVDiffNodeError(node, f"filename_prefix {filename_prefix!r}: cannot create its folder ({e.strerror or e})") from None
+        if not is_within(path, folder):
+            raise SVDiffNodeError(node, f"filename_prefix {filename_prefix!r} would write outside {folder}")
+        try:
+            atomic_write_bytes(path, data, overwrite=False)
+        except FileExistsError:
+            continue  # another writer took the number; take the next one
+        return path
+    raise SVDiffNodeError(node, "filename_prefix: could not find a free file name")

@@ -8,10 +8,10 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..svdiff import shiftfile
-from ..svdiff.fileio import UnsafePathError, is_within, sanitize_prefix
 from ..svdiff.shift import SpectralShift
 from .adapter import UNET_PREFIX, patch_with_shift
-from .common import CATEGORY, SpectralShiftType, SVDiffNodeError, register_shift_folder, shift_files, shift_save_dir
+from .common import (CATEGORY, SpectralShiftType, SVDiffNodeError, next_free_path, register_shift_folder, save_numbered,  # noqa: F401
+                     shift_files, shift_save_dir)
 
 
 def split_model_and_clip_keys(shift: SpectralShift):
@@ -144,55 +144,17 @@ class SVDiffApplyShift(io.ComfyNode):
         return io.NodeOutput(m, c)
 
 
-def next_free_path(folder: str, prefix: str, ext: str = ".safetensors") -> tuple[str, str]:
-    """ComfyUI's numbered-filename convention: <prefix>_<counter:05>_.<ext>, first free number.
-
-    Raises UnsafePathError, before any folder is created, when the prefix's folder resolves
-    outside ``folder`` (a symbolic link inside it may point anywhere).
-    """
-    if not is_within(os.path.dirname(os.path.join(folder, prefix)), folder):
-        raise UnsafePathError(f"filename_prefix {prefix!r} would write outside {folder} (through a symbolic link?)")
-    full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder)
-    os.makedirs(full_folder, exist_ok=True)
-    while True:
-        name = f"{filename}_{counter:05}_{ext}"
-        path = os.path.join(full_folder, name)
-        if not os.path.lexists(path):
-            return path, os.path.join(subfolder, name) if subfolder else name
-        counter += 1
-
-
 def save_shift_numbered(node: str, shift: SpectralShift, filename_prefix: str, dtype: str = "float16") -> str:
     """Save into models/svdiff under the next free number; atomic and never overwriting."""
     if not isinstance(shift, SpectralShift):
         raise SVDiffNodeError(node, f"expected a SPECTRAL_SHIFT, got {type(shift).__name__}")
     try:
-        prefix = sanitize_prefix(filename_prefix)
-    except UnsafePathError as e:
-        raise SVDiffNodeError(node, str(e)) from None
-    folder = shift_save_dir()
-    try:
         data = shiftfile.shift_to_bytes(shift, dtype)
     except ValueError as e:
         raise SVDiffNodeError(node, str(e)) from None
-    for _ in range(100):
-        try:
-            path, rel = next_free_path(folder, prefix)
-        except UnsafePathError as e:
-            raise SVDiffNodeError(node, str(e)) from None
-        except OSError as e:  # e.g. a file where a sub-folder should be
-            raise SVDiffNodeError(node, f"filename_prefix {filename_prefix!r}: cannot create its folder ({e.strerror or e})") from None
-        try:
-            from ..svdiff.fileio import atomic_write_bytes
-
-            if not is_within(path, folder):
-                raise SVDiffNodeError(node, f"filename_prefix {filename_prefix!r} would write outside models/svdiff")
-            atomic_write_bytes(path, data, overwrite=False)
-            register_shift_folder()
-            return path
-        except FileExistsError:
-            continue  # another writer took the number; take the next one
-    raise SVDiffNodeError(node, "could not find a free file name")
+    path = save_numbered(node, data, shift_save_dir(), filename_prefix)
+    register_shift_folder()
+    return path
 
 
 class SVDiffSaveShift(io.ComfyNode):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 from typing import Callable
 
 _BAD_CHARS = re.compile(r'[\x00-\x1f<>:"|?*\\]')
@@ -59,6 +60,27 @@ def is_within(path: str, folder: str) -> bool:
     return os.path.commonpath([real, base]) == base
 
 
+_TMP_PREFIX, _TMP_SUFFIX = ".tmp-", ".part"
+STALE_PARTIAL_SECONDS = 3600
+
+
+def _remove_stale_partials(folder: str) -> None:
+    """Delete temporary files that a killed writer left behind more than an hour ago."""
+    now = time.time()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for n in names:
+        if n.startswith(_TMP_PREFIX) and n.endswith(_TMP_SUFFIX):
+            p = os.path.join(folder, n)
+            try:
+                if now - os.lstat(p).st_mtime > STALE_PARTIAL_SECONDS:
+                    os.remove(p)
+            except OSError:
+                pass
+
+
 def atomic_write_via(path: str, writer: Callable[[str], None], overwrite: bool = False) -> str:
     """Write ``path`` atomically: ``writer(tmp_path)`` fills a temporary file beside it.
 
@@ -69,7 +91,8 @@ def atomic_write_via(path: str, writer: Callable[[str], None], overwrite: bool =
     os.makedirs(folder, exist_ok=True)
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(f"{path} already exists; it is not overwritten")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=folder)
+    _remove_stale_partials(folder)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX, dir=folder)
     os.close(fd)
     try:
         writer(tmp)

@@ -249,3 +249,17 @@ def test_core_imports_no_comfyui():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr
+
+
+def test_stale_partial_files_of_killed_writers_are_cleaned(tmp_path):
+    import time as _t
+    import svdiff.fileio as FI
+
+    old = tmp_path / ".tmp-dead.part"
+    old.write_bytes(b"half")
+    fresh = tmp_path / ".tmp-busy.part"
+    fresh.write_bytes(b"in progress")
+    past = _t.time() - FI.STALE_PARTIAL_SECONDS - 10
+    os.utime(old, (past, past))
+    FI.atomic_write_bytes(str(tmp_path / "new.bin"), b"data")
+    assert not old.exists() and fresh.exists() and (tmp_path / "new.bin").read_bytes() == b"data"
