@@ -3,9 +3,12 @@
 Playwright drives ``/usr/bin/chromium`` (never a downloaded browser) against ComfyUI's
 ``main.py`` serving the pack and the demo nodes.  For each workflow: load it with the
 editor's own ``app.loadGraphData``; no node may be reported missing or broken, no error
-dialog may show; a screenshot goes to ``build/screenshots/`` (ignored) and a small copy to
-``docs/screenshots/``; the editor's ``app.graphToPrompt()`` must equal our converter's
-prompt (class types and every input).
+dialog or error toast may show; the editor's ``app.graphToPrompt()`` must equal our
+converter's prompt (class types and every input).
+
+Screenshots go to ``build/screenshots/`` (ignored; a small copy under ``build/screenshots/docs/``).
+The tests never write tracked files: ``SVDIFF_UPDATE_SCREENSHOTS=1`` copies the small ones to
+``docs/screenshots/`` (what the README shows).
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ WF_DIR = os.path.join(REPO, "workflows")
 WORKFLOWS = W.workflow_files(WF_DIR) if os.path.isdir(WF_DIR) else []
 CHROMIUM = os.environ.get("SVDIFF_CHROMIUM", "/usr/bin/chromium")
 SHOTS = os.path.join(REPO, "build", "screenshots")
+SMALL_SHOTS = os.path.join(SHOTS, "docs")
 DOC_SHOTS = os.path.join(REPO, "docs", "screenshots")
+UPDATE_DOCS = os.environ.get("SVDIFF_UPDATE_SCREENSHOTS") == "1"
+ZOOM = 0.75  # canvas zoom of the screenshots: node titles and widget values stay legible
+VIEW_MIN, VIEW_MAX = (1280, 800), (2560, 1600)
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
@@ -55,6 +62,7 @@ def editor(comfy):
     # a returning user: no first-run templates dialog
     srv.post_json("/settings/Comfy.TutorialCompleted", True)
     srv.post_json("/settings/Comfy.Minimap.Visible", False)  # cleaner screenshots
+    srv.post_json("/settings/Comfy.Graph.CanvasInfo", False)
     profile = tempfile.mkdtemp(prefix="svdiff-chromium-")
     pw = sync_playwright().start()
     browser = None
@@ -63,17 +71,13 @@ def editor(comfy):
         browser = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
                                                         viewport={"width": 1600, "height": 1000})
         page = browser.pages[0] if browser.pages else browser.new_page()
+        # the "Introducing Nodes 2.0" banner remembers its dismissal in localStorage
+        page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true');")
         errors: list = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(srv.url, timeout=60_000)
         page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=90_000)
         page.wait_for_timeout(1500)
-        page.evaluate("""() => {  // close the 'Introducing Nodes 2.0' banner (screenshots only)
-            const el = [...document.querySelectorAll('div')].find(d => d.children.length < 6 &&
-                (d.innerText || '').startsWith('Introducing Nodes 2.0'));
-            const btns = el ? el.querySelectorAll('button') : [];
-            if (btns.length) btns[btns.length - 1].click();
-        }""")
         page.evaluate("""() => {
             window.__missing = [];
             const orig = window.app.showMissingNodesError.bind(window.app);
@@ -94,7 +98,53 @@ def visible_dialogs(page) -> list[str]:
         .map(e => (e.innerText || '').slice(0, 400))""")
 
 
-def small_png(src: str, dest: str, width: int = 960) -> None:
+def toasts(page) -> list[dict]:
+    """The toasts showing: ``[{"error": bool, "text": str}]``."""
+    return page.evaluate("""() => [...document.querySelectorAll('.p-toast-message')]
+        .filter(e => e.offsetParent !== null)
+        .map(e => ({error: e.classList.contains('p-toast-message-error'), text: (e.innerText || '').slice(0, 300)}))""")
+
+
+def close_toasts(page) -> None:
+    page.evaluate("""() => document.querySelectorAll('.p-toast-message .p-toast-close-button')
+        .forEach(b => b.click())""")
+    page.wait_for_timeout(300)
+
+
+def graph_bounds(page) -> list[float]:
+    """``[x, y, w, h]`` of every node (titles included) in canvas units."""
+    return page.evaluate("""() => {
+        const ns = window.app.graph.nodes, T = window.LiteGraph ? window.LiteGraph.NODE_TITLE_HEIGHT : 30;
+        const x0 = Math.min(...ns.map(n => n.pos[0])), y0 = Math.min(...ns.map(n => n.pos[1] - T));
+        const x1 = Math.max(...ns.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...ns.map(n => n.pos[1] + n.size[1]));
+        return [x0, y0, x1 - x0, y1 - y0];
+    }""")
+
+
+def screenshot_view(page, bounds) -> None:
+    """A viewport sized so the whole graph fits at about ZOOM, and the graph fitted in it,
+    drawn at full detail (no low-quality text culling)."""
+    pad_x, pad_y, chrome_x, chrome_y = 80, 60, 60, 110  # the editor's side bar and top bars
+    w = int(min(max((bounds[2] + 2 * pad_x) * ZOOM + chrome_x, VIEW_MIN[0]), VIEW_MAX[0]))
+    h = int(min(max((bounds[3] + 2 * pad_y) * ZOOM + chrome_y, VIEW_MIN[1]), VIEW_MAX[1]))
+    page.set_viewport_size({"width": w, "height": h})
+    page.wait_for_timeout(300)
+    page.evaluate("""([b, pad_x, pad_y, cx, cy]) => {  // fit into the area the side/top bars leave free
+        const c = window.app.canvas, el = c.canvas;
+        const W = el.clientWidth - cx, H = el.clientHeight - cy;
+        const s = Math.min(W / (b[2] + 2 * pad_x), H / (b[3] + 2 * pad_y), 1);
+        c.min_font_size_for_lod = 0;
+        c.low_quality_zoom_threshold = 0;
+        c.ds.scale = s;
+        c.ds.offset[0] = (cx + (W - b[2] * s) / 2) / s - b[0];
+        c.ds.offset[1] = (cy + (H - b[3] * s) / 2) / s - b[1];
+        c.setDirty(true, true);
+        c.draw(true, true);
+    }""", [bounds, pad_x, pad_y, chrome_x, chrome_y])
+    page.wait_for_timeout(400)
+
+
+def small_png(src: str, dest: str, width: int = 1600) -> None:
     from PIL import Image
 
     img = Image.open(src).convert("RGB")
@@ -122,21 +172,22 @@ def test_workflow_loads_in_editor_and_matches_converter(editor, path):
     dialogs = visible_dialogs(page)
     assert dialogs == [], f"a dialog is showing: {dialogs}"
     assert errors == [], errors
+    bad_toasts = [t["text"] for t in toasts(page) if t["error"]]
+    assert bad_toasts == [], f"the editor shows error toasts: {bad_toasts}"
+    close_toasts(page)  # informational ones only (screenshot)
 
     os.makedirs(SHOTS, exist_ok=True)
     shot = os.path.join(SHOTS, name + ".png")
-    page.evaluate("""() => {  // fit the whole graph in view
-        const ns = window.app.graph.nodes;
-        const x0 = Math.min(...ns.map(n => n.pos[0])), y0 = Math.min(...ns.map(n => n.pos[1] - 30));
-        const x1 = Math.max(...ns.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...ns.map(n => n.pos[1] + n.size[1]));
-        const c = window.app.canvas;
-        c.ds.fitToBounds([x0 - 120, y0 - 40, x1 - x0 + 160, y1 - y0 + 80], {zoom: 0.95});
-        c.setDirty(true, true);
-    }""")
-    page.wait_for_timeout(400)
+    screenshot_view(page, graph_bounds(page))
+    zoom = page.evaluate("() => window.app.canvas.ds.scale")
+    assert zoom >= 0.45, f"the graph is drawn at zoom {zoom:.2f}: too small to read"
     page.screenshot(path=shot)
     assert os.path.getsize(shot) > 10_000
-    small_png(shot, os.path.join(DOC_SHOTS, name + ".png"))
+    small = os.path.join(SMALL_SHOTS, name + ".png")
+    small_png(shot, small)
+    if UPDATE_DOCS:
+        os.makedirs(DOC_SHOTS, exist_ok=True)
+        shutil.copyfile(small, os.path.join(DOC_SHOTS, name + ".png"))
 
     # the editor's own conversion against ours (from the same server's definitions)
     ui_prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")

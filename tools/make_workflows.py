@@ -31,25 +31,25 @@ NEG = "blurry, low quality, deformed"
 
 
 def sampler_chain(b, model, clip, vae, col, prompt, seed=42, steps=50, cfg=7.5, width=512, height=512,
-                  prefix="svdiff/sample", negative=NEG, latent=None, batch=1):
+                  prefix="svdiff/sample", negative=NEG, latent=None, batch=1, band=0):
     """CLIPTextEncode x2 -> (EmptyLatentImage) -> KSampler (DDIM, eta 0) -> VAEDecode -> SaveImage."""
-    pos = b.node("CLIPTextEncode", title="Prompt", col=col, text=prompt)
-    neg = b.node("CLIPTextEncode", title="Negative prompt", col=col, text=negative)
+    pos = b.node("CLIPTextEncode", title="Prompt", col=col, band=band, text=prompt)
+    neg = b.node("CLIPTextEncode", title="Negative prompt", col=col, band=band, text=negative)
     b.link(clip[0], clip[1], pos, "clip")
     b.link(clip[0], clip[1], neg, "clip")
     if latent is None:
-        lat = b.node("EmptyLatentImage", col=col, width=width, height=height, batch_size=batch)
+        lat = b.node("EmptyLatentImage", col=col, band=band, width=width, height=height, batch_size=batch)
         latent = (lat, 0)
-    ks = b.node("KSampler", col=col + 1, seed=seed, steps=steps, cfg=cfg, sampler_name="ddim",
+    ks = b.node("KSampler", col=col + 1, band=band, seed=seed, steps=steps, cfg=cfg, sampler_name="ddim",
                 scheduler="ddim_uniform", denoise=1.0)
     b.link(model[0], model[1], ks, "model")
     b.link(pos, 0, ks, "positive")
     b.link(neg, 0, ks, "negative")
     b.link(latent[0], latent[1], ks, "latent_image")
-    dec = b.node("VAEDecode", col=col + 1)
+    dec = b.node("VAEDecode", col=col + 1, band=band)
     b.link(ks, 0, dec, "samples")
     b.link(vae[0], vae[1], dec, "vae")
-    save = b.node("SaveImage", col=col + 2, filename_prefix=prefix)
+    save = b.node("SaveImage", col=col + 2, band=band, filename_prefix=prefix)
     b.link(dec, 0, save, "images")
     return ks, dec, save
 
@@ -206,26 +206,25 @@ def wf_combine(defs):
         b.link(ck, 1, ld, "clip")
     lat = b.node("EmptyLatentImage", col=1, width=512, height=512, batch_size=1)
     strip = None
-    for i, alpha in enumerate((1.0, 0.5, 0.0)):
-        col = 2 + 3 * i
-        cm = b.node("SVDiffCombineShifts", title=f"alpha = {alpha}", col=col, mode="interpolate", alpha=alpha)
+    for i, alpha in enumerate((1.0, 0.5, 0.0)):  # one branch per alpha, one below the other
+        cm = b.node("SVDiffCombineShifts", title=f"alpha = {alpha}", col=2, band=i, mode="interpolate", alpha=alpha)
         b.link(la, 2, cm, "shift_a")
         b.link(lb, 2, cm, "shift_b")
-        ap = b.node("SVDiffApplyShift", col=col, strength_model=1.0, strength_clip=1.0)
+        ap = b.node("SVDiffApplyShift", col=2, band=i, strength_model=1.0, strength_clip=1.0)
         b.link(ck, 0, ap, "model")
         b.link(ck, 1, ap, "clip")
         b.link(cm, 0, ap, "shift")
-        ks, dec, save = sampler_chain(b, (ap, 0), (ap, 1), (ck, 2), col=col, prompt="a photo of a sks thing in a garden",
-                                      prefix=f"svdiff/interpolate_{i}", latent=(lat, 0))
+        ks, dec, save = sampler_chain(b, (ap, 0), (ap, 1), (ck, 2), col=3, prompt="a photo of a sks thing in a garden",
+                                      prefix=f"svdiff/interpolate_{i}", latent=(lat, 0), band=i)
         if strip is None:
             strip = (dec, 0)
         else:
-            st = b.node("ImageStitch", col=col + 2, direction="right", match_image_size=True, spacing_width=0,
+            st = b.node("ImageStitch", col=6, band=i, direction="right", match_image_size=True, spacing_width=0,
                         spacing_color="white")
             b.link(strip[0], strip[1], st, "image1")
             b.link(dec, 0, st, "image2")
             strip = (st, 0)
-    out = b.node("SaveImage", title="Interpolation strip", col=11, filename_prefix="svdiff/interpolation_strip")
+    out = b.node("SaveImage", title="Interpolation strip", col=7, band=2, filename_prefix="svdiff/interpolation_strip")
     b.link(strip[0], strip[1], out, "images")
     return b.build()
 

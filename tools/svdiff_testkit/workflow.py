@@ -437,10 +437,13 @@ class WorkflowBuilder:
 
     ``n = b.node("KSampler", seed=1, steps=20)`` sets widget values by input name (the
     definitions' defaults fill the rest); ``b.link(src, 0, n, "model")`` joins an output to
-    an input.  ``b.note(text)`` adds a Note.  ``b.build()`` returns the JSON-ready dict.
+    an input.  ``b.note(text)`` adds a Note.  ``col``/``row``/``band`` place a node (bands are
+    horizontal strips, one below the other).  ``b.build()`` returns the JSON-ready dict.
     """
 
     COL_W, ROW_H = 440, 60
+    # nodes the editor draws an image in: room for it, so it does not spill over the next node
+    MIN_HEIGHT = {"LoadImage": 340, "PreviewImage": 300, "SaveImage": 300}
 
     def __init__(self, defs: dict):
         self.defs = defs
@@ -453,7 +456,8 @@ class WorkflowBuilder:
         self._next_id += 1
         return i
 
-    def node(self, type_: str, title: str | None = None, col: int = 0, row: int | None = None, **widgets) -> dict:
+    def node(self, type_: str, title: str | None = None, col: int = 0, row: int | None = None, band: int = 0,
+             **widgets) -> dict:
         if type_ not in self.defs:
             raise WorkflowError(f"unknown node type {type_!r}")
         info = self.defs[type_]
@@ -486,12 +490,12 @@ class WorkflowBuilder:
         ]
         nid = self._new_id()
         if row is None:
-            row = sum(1 for n in self.nodes if n.get("_col") == col)
+            row = sum(1 for n in self.nodes if n.get("_col") == col and n.get("_band", 0) == band)
         n = {
             "id": nid,
             "type": type_,
             "pos": [40 + col * self.COL_W, 40],
-            "size": [320, 60 + 26 * (len(inputs) + len(values))],
+            "size": [320, max(60 + 26 * (len(inputs) + len(values)), self.MIN_HEIGHT.get(type_, 0))],
             "flags": {},
             "order": len(self.nodes),
             "mode": 0,
@@ -501,6 +505,7 @@ class WorkflowBuilder:
             "widgets_values": values,
             "_col": col,
             "_row": row,
+            "_band": band,
         }
         if title:
             n["title"] = title
@@ -538,14 +543,22 @@ class WorkflowBuilder:
         return lid
 
     def _layout(self) -> None:
-        cols: dict = {}
-        for n in self.nodes:
-            cols.setdefault(n["_col"], []).append(n)
-        for col, ns in cols.items():
-            y = 40
-            for n in sorted(ns, key=lambda n: (n["_row"], n["id"])):
-                n["pos"] = [40 + col * self.COL_W, y]
-                y += n["size"][1] + 50
+        """Columns of nodes, stacked by row; bands (``band=``) are horizontal strips placed one
+        below the other, each as tall as its tallest column."""
+        top = 40
+        for band in sorted({n.get("_band", 0) for n in self.nodes}):
+            cols: dict = {}
+            for n in self.nodes:
+                if n.get("_band", 0) == band:
+                    cols.setdefault(n["_col"], []).append(n)
+            bottom = top
+            for col, ns in cols.items():
+                y = top
+                for n in sorted(ns, key=lambda n: (n["_row"], n["id"])):
+                    n["pos"] = [40 + col * self.COL_W, y]
+                    y += n["size"][1] + 50
+                bottom = max(bottom, y)
+            top = bottom + 40
 
     def build(self) -> dict:
         self._layout()
