@@ -19,6 +19,7 @@ serve: setup
 	$(PY) tools/serve.py
 
 bench: setup
+	$(PY) -m pip install -q -c .venv/torch-constraints.txt -r requirements-bench.txt
 	$(PY) bench/run_all.py
 
 clean:

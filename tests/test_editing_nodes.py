@@ -335,3 +335,55 @@ def test_editing_graph_end_to_end(comfy, shift_dir):
     base = folder_paths.get_temp_directory() if info["type"] == "temp" else folder_paths.get_output_directory()
     with Image.open(os.path.join(base, info.get("subfolder", ""), info["filename"])) as im:
         assert im.size == (64, 48)
+
+
+def test_editing_graph_with_svdiff_train(comfy):
+    """The paper's editing pipeline (Fig. 4): SVDiff Train on ONE image-prompt pair without
+    prior (lambda = 0), DDIM Invert with the edited prompt, Slerp Noise, KSamplerAdvanced."""
+    import folder_paths
+    from PIL import Image
+
+    from svdiff_testkit import tiny as tiny_mod
+    from svdiff_testkit.comfy_env import run_prompt
+
+    tiny_mod.register_tiny_sd()
+    ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
+    os.makedirs(ckpt_dir, exist_ok=True)
+    ckpt = os.path.join(ckpt_dir, "tiny_editing.safetensors")
+    if not os.path.exists(ckpt):
+        tiny_mod.write_checkpoint(ckpt, seed=0)
+    steps = 4
+    train_inputs = {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0],
+        "prompt": "photo of a purple chair standing", "train_text_encoder": False,
+        "class_prompt": "", "prior_weight": 0.0, "num_prior_images": 1, "prior_steps": 1,
+        "subset": "UNet", "rank": 0, "steps": 3, "batch_size": 1, "learning_rate": 1e-3,
+        "learning_rate_1d": 1e-6, "optimizer": "AdamW", "seed": 0, "resolution": 64,
+        "gradient_checkpointing": False, "training_dtype": "auto", "side_path": "auto",
+        "save_every": 0, "filename_prefix": "editing/train", "resume_from": "[none]",
+    }
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_editing.safetensors"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x8040C0}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "SVDiffTrain", "inputs": train_inputs},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "photo of a purple chair lying down"}},
+        "6": {"class_type": "SVDiffDDIMInvert", "inputs": {"model": ["4", 0], "positive": ["5", 0], "latent": ["3", 0], "steps": steps, "cfg": 1.0,
+                                                          "scheduler": "ddim_uniform", "start_at_step": 0, "end_at_step": 10000, "refine_iterations": 0}},
+        "7": {"class_type": "SVDiffSlerpNoise", "inputs": {"latent": ["6", 0], "model": ["4", 0], "alpha": 0.5, "seed": 1, "sigmas": ["6", 1]}},
+        "8": {"class_type": "KSamplerAdvanced", "inputs": {"model": ["4", 0], "add_noise": "disable", "noise_seed": 0, "steps": steps, "cfg": 1.0,
+                                                          "sampler_name": "ddim", "scheduler": "ddim_uniform", "positive": ["5", 0], "negative": ["5", 0],
+                                                          "latent_image": ["7", 0], "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}},
+    }
+    from svdiff_testkit.comfy_env import pack_module
+
+    none = pack_module("nodes.train").NONE
+    train_inputs["resume_from"] = none
+    ex, outputs = run_prompt(prompt, "edit-train-1")
+    assert ex.success, ex.status_messages
+    info = outputs["10"]["images"][0]
+    base = folder_paths.get_temp_directory() if info["type"] == "temp" else folder_paths.get_output_directory()
+    with Image.open(os.path.join(base, info.get("subfolder", ""), info["filename"])) as im:
+        assert im.size == (64, 64)
