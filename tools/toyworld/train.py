@@ -14,6 +14,7 @@ count and torch build the run is repeatable.  Prints timings per stage.
 3. UNet + CLIP trained jointly from scratch with the epsilon objective on SD1's schedule,
    offset noise, min-SNR weighting, 10% empty captions (for CFG), on pretraining shapes
    only; EMA weights are saved.
+4. (last) the TAESD decoder refined alone on full images, encoder frozen.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ N_LATENTS = 8000
 UNET_STEPS = 4000
 UNET_BATCH = 32
 SNAPSHOT_EVERY = 250
+DEC_STEPS = 600
+DEC_BATCH = 8
 OFFSET_NOISE = 0.15
 SNR_GAMMA = 5.0
 EMA = 0.998
@@ -97,6 +100,45 @@ def train_vae(vae, steps, seed):
         sched.step()
         if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} rec {rec.item():.5f} psnr {-10 * math.log10(max(rec.item(), 1e-10)):.1f} dB ({time.time() - t0:.0f}s)")
+    for p in params:
+        p.requires_grad_(False)
+    return time.time() - t0
+
+
+def refine_decoder(vae, steps, seed):
+    """Train the TAESD decoder alone on full 64x64 images, the encoder frozen.
+
+    The UNet only sees the encoder's latents, so this stage is independent of stages 2-3
+    (it runs last).  The codec is first rounded to its fp16 storage precision, so the stage
+    can also be re-run from a written checkpoint (``--refine-decoder-of``) with the same result.
+    """
+    from toyworld import world
+
+    t0 = time.time()
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in vae.parameters():
+            if p.ndim > 0:
+                p.copy_(p.half().float())
+    params = list(vae.taesd_decoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    for step in range(steps):
+        imgs = np.stack([world.render(world.random_scene(rng, world.ALL_SHAPES, two_prob=0.35)) for _ in range(DEC_BATCH)])
+        x = to_tensor(imgs)
+        with torch.no_grad():
+            z = vae.taesd_encoder(x)
+            z = z + 0.05 * z.std() * torch.randn_like(z)
+        rec = (vae.taesd_decoder(z) - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        rec.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"decoder step {step}/{steps} rec {rec.item():.5f} psnr {-10 * math.log10(max(rec.item(), 1e-10)):.1f} dB ({time.time() - t0:.0f}s)")
     for p in params:
         p.requires_grad_(False)
     return time.time() - t0
@@ -246,6 +288,7 @@ def main():
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--unet-steps", type=int, default=None)
     ap.add_argument("--n-latents", type=int, default=None)
+    ap.add_argument("--decoder-steps", type=int, default=None)
     ap.add_argument("--snapshots", default=None, help="path prefix: also write the EMA weights every %d steps" % SNAPSHOT_EVERY)
     args = ap.parse_args()
     threads = int(os.environ.get("TOYWORLD_THREADS", "1"))
@@ -282,8 +325,9 @@ def main():
             snap = lambda k: save(f"{args.snapshots}.{k:05d}.safetensors", k)  # noqa: E731
         steps = args.unet_steps or max(2, int(UNET_STEPS * args.scale))
         t_unet = train_unet(model, clip, scenes, lat, steps, args.seed + 13, snapshot=snap)
+        t_dec = refine_decoder(vae, args.decoder_steps if args.decoder_steps is not None else max(2, int(DEC_STEPS * args.scale)), args.seed + 14)
     save(args.out, steps)
-    log(f"timings: vae {t_vae:.0f}s, encode {t_enc:.0f}s, unet+clip {t_unet:.0f}s, total {time.time() - T:.0f}s")
+    log(f"timings: vae {t_vae:.0f}s, encode {t_enc:.0f}s, unet+clip {t_unet:.0f}s, decoder {t_dec:.0f}s, total {time.time() - T:.0f}s")
 
 
 if __name__ == "__main__":
