@@ -27,14 +27,15 @@ SHIFTS = ("reliability_A.safetensors", "reliability_B.safetensors")
 @pytest.fixture(scope="module")
 def env(comfy):
     import execution
+    import comfy.sd
     import folder_paths
     from svdiff.shift import SpectralShift, delta_length
     from svdiff import shiftfile
-    from svdiff_testkit import tiny
     from svdiff_testkit.comfy_env import FakeServer, pack_module
 
     info = demo_model.install()
-    mp, clip = tiny.build(seed=0)
+    # shift files shaped for the demo checkpoint itself (tiny model or toy world)
+    mp, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(info["checkpoint"], output_vae=False, output_clipvision=False)
     adapter = pack_module("nodes.adapter")
     shapes = adapter.shiftable_shapes(mp, "diffusion_model.")
     cshapes = {k: v for k, v in adapter.shiftable_shapes(clip.patcher).items() if k.endswith("proj.weight")}
@@ -44,7 +45,7 @@ def env(comfy):
         g = torch.Generator().manual_seed(100 + i)
         allshapes = {**shapes, **cshapes}
         deltas = {k: torch.randn(delta_length(s), generator=g) * 0.3 for k, s in allshapes.items()}
-        shiftfile.save_shift(SpectralShift(deltas, allshapes, {"architecture": "TinySD"}), os.path.join(d, name), overwrite=True)
+        shiftfile.save_shift(SpectralShift(deltas, allshapes, {"architecture": adapter.architecture_of(mp)}), os.path.join(d, name), overwrite=True)
     getattr(folder_paths, "filename_list_cache", {}).pop("svdiff", None)
     ex = execution.PromptExecutor(FakeServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
     return {"info": info, "ckpt": info["checkpoint_name"], "executor": ex, "defs": W.object_info(), "counter": [0]}
@@ -67,6 +68,11 @@ def checkpoint_objects(env):
     return outs[0][0], outs[1][0]
 
 
+def context_dim(model) -> int:
+    """Width of the text conditioning the demo model's UNet expects (tiny: 32, toy world: 64)."""
+    return int(model.model.model_config.unet_config["context_dim"])
+
+
 @torch.no_grad()
 def fingerprint_outputs(model, clip):
     """What other nodes get from these objects: a UNet evaluation and a CLIP encoding."""
@@ -75,7 +81,7 @@ def fingerprint_outputs(model, clip):
     mm.load_models_gpu([model], force_full_load=True)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, 32, generator=g)
+    ctx = torch.randn(1, 77, context_dim(model), generator=g)
     unet = model.model.apply_model(x, torch.tensor([5.0]), c_crossattn=ctx).clone()
     cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a sks robot"), return_pooled=True)
     return unet, cond.clone(), pooled.clone()
