@@ -359,4 +359,60 @@ class SVDiffToLoRA(io.ComfyNode):
         return io.NodeOutput(path, text, ui=ui.PreviewText(text))
 
 
-NODES = [SVDiffCombineShifts, SVDiffInspectShift, SVDiffFromLoRA, SVDiffToLoRA]
+class SVDiffExportPytorchLayout(io.ComfyNode):
+    """Write a shift in the layout of the widely used svdiff-pytorch implementation."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDiffExportPytorchLayout",
+            display_name="Export Spectral Shift (svdiff-pytorch)",
+            category=CATEGORY,
+            description="Write a shift as svdiff-pytorch files: diffusers module names + '.delta', float32, UNet and text "
+                        "encoder in two files. Its 1-D layers carry one scalar each, so per-element 1-D deltas are projected "
+                        "(the report says how much is lost).",
+            is_output_node=True,
+            inputs=[
+                SpectralShiftType.Input("shift", tooltip="The spectral shift to export."),
+                io.Model.Input("model", tooltip="The base model the shift belongs to (key names and the 1-D weights the projection needs)."),
+                io.Clip.Input("clip", optional=True, tooltip="The base text encoder, needed when the shift also covers it (optional)."),
+                io.String.Input("filename_prefix", default="svdiff_pytorch/spectral_shifts",
+                                tooltip="File name (optionally with sub-folders) inside ComfyUI's output folder; a number is "
+                                        "appended; the text-encoder file gets '_te' after it. Nothing is overwritten."),
+            ],
+            outputs=[io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, shift, model, filename_prefix, clip=None) -> io.NodeOutput:
+        from safetensors.torch import save
+
+        from .common import save_numbered
+
+        node = "Export Spectral Shift (svdiff-pytorch)"
+        if not isinstance(shift, SpectralShift):
+            raise SVDiffNodeError(node, f"shift: expected a SPECTRAL_SHIFT, got {type(shift).__name__}")
+        try:
+            unet_sd, te_sd, rep = X.shift_to_pytorch_layout(shift, model, clip)
+        except ValueError as e:
+            raise SVDiffNodeError(node, f"clip: {e}" if "CLIP" in str(e) else f"model: {e}") from None
+        out = folder_paths.get_output_directory()
+        written = []
+        if unet_sd:
+            written.append(save_numbered(node, save({k: v.float().contiguous() for k, v in unet_sd.items()}), out, filename_prefix))
+        if te_sd:
+            written.append(save_numbered(node, save({k: v.float().contiguous() for k, v in te_sd.items()}), out, filename_prefix + "_te"))
+        if not written:
+            raise SVDiffNodeError(node, "shift: no weight of the shift has a name in the svdiff-pytorch layout")
+        parts = [f"wrote {os.path.relpath(p, out)} ({os.path.getsize(p) / 1024:.1f} KiB)" for p in written]
+        for what, r in rep.items():
+            if r.get("projected"):
+                parts.append(f"{what}: {len(r['projected'])} 1-D deltas projected to svdiff-pytorch's scalar form "
+                             f"(up to {100 * r['max_lost']:.0f}% of a delta lost)")
+            if r.get("unmapped"):
+                parts.append(f"{what}: {len(r['unmapped'])} weights have no svdiff-pytorch name and were left out")
+        text = "; ".join(parts)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+NODES = [SVDiffCombineShifts, SVDiffInspectShift, SVDiffFromLoRA, SVDiffToLoRA, SVDiffExportPytorchLayout]
