@@ -123,3 +123,40 @@ def test_short_svdiff_run_moves_concept_accuracy_up(toy_ckpt):
         tuned = pack_module("nodes.train").train(a)[0]
     after = evaluate.concept_rate(tuned, clip, vae, "sks", n=6, seed=5, steps=12)
     assert after >= before + 0.3, (before, after)  # measured: 0.17 -> 0.50 (6 samples, seed 5)
+
+
+def test_prior_preservation_keeps_the_model_near_the_base_on_its_world(toy_ckpt):
+    """Eq. 3 on a pretrained base: fine-tuning on 4 images of the held-out concept moves the
+    denoising loss on held-out images of the model's own world (their own captions, never
+    trained on) less with the prior term (lambda = 1) than without it (lambda = 0)."""
+    from svdiff_testkit.comfy_env import pack_module
+
+    T = pack_module("nodes.train")
+    model, clip, vae = toy_ckpt
+    imgs, caps = world.concept_images("sks", 4, seed=0)
+    images = torch.from_numpy(imgs.copy()).float() / 255
+
+    def args(prior_weight):
+        return dict(model=model, clip=clip, vae=vae, images=[images], prompt=caps[0], class_prompt="a red circle on a blue background",
+                    prior_weight=prior_weight, num_prior_images=4, prior_steps=12, subset="UNet", rank=0, steps=PRIOR_TEST_STEPS,
+                    batch_size=2, learning_rate=SVDIFF_LR, learning_rate_1d=1e-4, optimizer="AdamW", seed=0, resolution=64,
+                    gradient_checkpointing=False, training_dtype="auto", side_path="auto", save_every=0,
+                    filename_prefix="svdiff/test_toyworld_prior", resume_from="[None]")
+
+    with torch.inference_mode():
+        m0 = T.train(args(0.0))[0]
+        m1 = T.train(args(1.0))[0]
+        held, held_caps = world.dataset(8, seed=21, drop=0.0, empty=0.0)
+        px = torch.from_numpy(held.copy()).float() / 255
+        pairs = [(model.model.process_latent_in(vae.encode(px[i : i + 1])).float(), T.encode_prompt(clip, c)) for i, c in enumerate(held_caps)]
+        ts = [50, 200, 400, 600, 800, 950]
+
+        def world_loss(m):
+            return sum(T.evaluate_denoising_loss(m, lat, e, seed=777, draws=6, timesteps=ts) for lat, e in pairs) / len(pairs)
+
+        base, l0, l1 = world_loss(model), world_loss(m0), world_loss(m1)
+    print(f"held-out world denoising loss: base {base:.4f}, lambda=0 {l0:.4f}, lambda=1 {l1:.4f}")
+    assert abs(l1 - base) < abs(l0 - base), (base, l0, l1)
+
+
+PRIOR_TEST_STEPS = 60
