@@ -21,7 +21,8 @@ SD15_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatia
 
 
 def boot():
-    base = tempfile.mkdtemp(prefix="svdiff-bench-")
+    # SVDIFF_BENCH_BASE reuses a ComfyUI base folder (and the SVD disk cache under its user/)
+    base = os.environ.get("SVDIFF_BENCH_BASE") or tempfile.mkdtemp(prefix="svdiff-bench-")
     return comfy_env.boot(base)
 
 

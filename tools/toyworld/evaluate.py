@@ -89,7 +89,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=5.0)
     args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("TOYWORLD_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("TOYWORLD_THREADS", "1")))
     from toyworld.train import boot_comfy
 
     boot_comfy()
