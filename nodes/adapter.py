@@ -20,6 +20,7 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 import folder_paths
+from comfy.patcher_extension import CallbacksMP
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..svdiff.decompose import Decomposition, SVDCache, fingerprint
@@ -184,14 +185,16 @@ class SpectralShiftAdapter(WeightAdapterBase):
         if tuple(weight.shape) != self.shape:
             log.warning("svdiff: %s has shape %s, the shift expects %s; skipped", key, tuple(weight.shape), self.shape)
             return weight
-        compute = torch.float32
-        res = self.residual(strength, weight.device, compute)
+        # The residual is kept in the weight's own dtype (what the patched weight is stored in
+        # anyway): half the memory of float32 in the low-VRAM cache for fp16/bf16 models.  The
+        # sum is still formed in float32; delta = 0 gives a zero residual, so W exactly.
+        res = self.residual(strength, weight.device, weight.dtype if weight.is_floating_point() else torch.float32)
         if function is not None:
             res = function(res)
         if weight.dtype == torch.float32:
             weight += res
             return weight
-        out = weight.to(torch.float32) + res
+        out = weight.to(torch.float32) + res.to(torch.float32)
         weight.copy_(out.to(weight.dtype))
         return weight
 
@@ -268,6 +271,43 @@ def build_adapters(patcher, shift: SpectralShift, keys, node: str, device=None):
     return patches, fps
 
 
+LOWVRAM_MERGE_KEY = "svdiff_lowvram_merge"
+
+
+def merge_shifted_lowvram_weights(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> int:
+    """ON_LOAD callback: patch spectrally shifted weights of low-VRAM modules once, at load.
+
+    In low-VRAM mode ComfyUI leaves the weights of modules that do not fit on their offload
+    device and recomputes their patches on every forward pass (``LowVramPatch``).  A full-rank
+    spectral shift makes that a weight-sized addition per step.  Instead, exactly as ComfyUI
+    itself does when asked to ``force_patch_weights``, the patched weight is computed once where
+    the weight lives (``patch_weight_to_device``: the original is kept in the patcher's backup
+    and restored by ``unpatch_model``; nothing is written into the base tensor) and streamed
+    like any weight.  SVDIFF_LOWVRAM_MERGE=0 keeps ComfyUI's per-forward path.
+    Returns the number of weights merged.
+    """
+    if full_load or force_patch_weights or os.environ.get("SVDIFF_LOWVRAM_MERGE", "1") in ("0", "false", "off", "no"):
+        return 0
+    merged = 0
+    for name, m in patcher.model.named_modules():
+        wf = getattr(m, "weight_function", None)
+        if not wf:
+            continue
+        key = f"{name}.weight"
+        if not any(isinstance(p[1], SpectralShiftAdapter) for p in patcher.patches.get(key, [])):
+            continue
+        lowvram = [f for f in wf if isinstance(f, comfy.model_patcher.LowVramPatch) and getattr(f, "key", key) == key]
+        if not lowvram:
+            continue
+        patcher.patch_weight_to_device(key)  # on the weight's own (offload) device, with backup
+        for f in lowvram:
+            wf.remove(f)
+        merged += len(lowvram)
+    if merged:
+        patcher.model.lowvram_patch_counter -= merged
+    return merged
+
+
 def patch_with_shift(patcher, shift: SpectralShift, strength: float, node: str, source: str, prefix: Optional[str] = None):
     """A clone of ``patcher`` with ``shift`` attached (never the patcher itself).
 
@@ -298,6 +338,8 @@ def patch_with_shift(patcher, shift: SpectralShift, strength: float, node: str, 
         log.warning("[%s] %s", node, msg)
     clone = patcher.clone()
     added = clone.add_patches(patches, strength)
+    if LOWVRAM_MERGE_KEY not in clone.callbacks.get(CallbacksMP.ON_LOAD, {}):
+        clone.add_callback_with_key(CallbacksMP.ON_LOAD, LOWVRAM_MERGE_KEY, merge_shifted_lowvram_weights)
     if len(added) != len(patches):
         raise SVDiffNodeError(node, f"ComfyUI accepted only {len(added)} of {len(patches)} patches")
     report["fingerprint"] = combined_fingerprint(fps)

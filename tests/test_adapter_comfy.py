@@ -64,3 +64,46 @@ def test_random_shift_moves_sigma_as_eq2_and_base_untouched(tiny):
     assert torch.allclose(got, expect, atol=2e-3), (got - expect).abs().max()
     # the base MODEL still gives bit-identical outputs after the shifted one ran
     assert torch.equal(unet_forward(mp), base_out)
+
+
+def _lowvram_out(mp, seed=0):
+    """A UNet evaluation with every module in ComfyUI's low-VRAM mode (weights streamed)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, 32, generator=g)
+    mp.load(torch.device("cpu"), lowvram_model_memory=1, force_patch_weights=False, full_load=False)
+    try:
+        with torch.no_grad():
+            return mp.model.apply_model(x, torch.tensor([5.0]), c_crossattn=ctx).clone()
+    finally:
+        mp.unpatch_model()
+
+
+def test_lowvram_mode_merges_once_and_matches_full_load(tiny, monkeypatch):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from svdiff_testkit.comfy_env import pack_module
+
+    mp, clip = tiny
+    shifts = pack_module("nodes.shifts")
+    ad = pack_module("nodes.adapter")
+    base_full = unet_forward(mp)
+    mm.unload_all_models()
+    sh = random_shift(mp, 0.3)
+    m2, _ = shifts.apply_shift("test", mp, None, sh, 1.0, 1.0, "lowvram")
+    full = unet_forward(m2)
+    mm.unload_all_models()
+    calls = []
+    orig = ad.merge_shifted_lowvram_weights
+    monkeypatch.setattr(ad, "merge_shifted_lowvram_weights", lambda *a: calls.append(orig(*a)) or calls[-1])
+    m2.callbacks["on_load_after"][ad.LOWVRAM_MERGE_KEY] = [ad.merge_shifted_lowvram_weights]
+    merged = _lowvram_out(m2)
+    assert calls and calls[0] == len(sh)  # every shifted weight patched once at load
+    assert torch.allclose(merged, full, atol=1e-5)
+    monkeypatch.setenv("SVDIFF_LOWVRAM_MERGE", "0")
+    per_forward = _lowvram_out(m2)  # ComfyUI's own LowVramPatch path
+    assert torch.allclose(per_forward, full, atol=1e-5)
+    # the base model is untouched by either path
+    assert torch.equal(_lowvram_out(mp), base_full)
+    mm.unload_all_models()
+    assert torch.equal(unet_forward(mp), base_full)
