@@ -52,12 +52,17 @@ import os  # noqa: E402
 
 base = steps(mp, 4)
 b = sum(base[1:]) / 3
+t0 = time.perf_counter()
+shifted.load(torch.device("cpu"), lowvram_model_memory=1, force_patch_weights=False, full_load=False)
+merge_s = time.perf_counter() - t0
+shifted.unpatch_model()
 merged = steps(shifted, 4)  # default: shifted weights patched once at load (ON_LOAD callback)
 os.environ["SVDIFF_LOWVRAM_MERGE"] = "0"
 per_forward = steps(shifted, 4)  # ComfyUI's own per-forward path with the adapter's residual cache
 del os.environ["SVDIFF_LOWVRAM_MERGE"]
 print(f"base step {b:.2f} s")
-print(f"merged at load (default): steps {sum(merged) / 4:.2f} s ({sum(merged) / 4 / b:.2f}x, goal < 1.10x)")
+print(f"merged at load (default): steps {sum(merged[1:]) / 3:.2f} s ({sum(merged[1:]) / 3 / b:.2f}x, goal < 1.10x); "
+      f"first step {merged[0]:.2f} s; the merge itself {merge_s:.1f} s once per load")
 print(f"per-forward path: first step {per_forward[0]:.2f} s ({per_forward[0] / b:.2f}x), "
       f"later steps {sum(per_forward[2:]) / 2:.2f} s ({sum(per_forward[2:]) / 2 / b:.2f}x, residual cache)")
 print(f"residual cache in use: {ad.RESIDUAL_BUDGET.used / 1e6:.0f} MB of {ad.RESIDUAL_BUDGET.limit / 1e6:.0f} MB")
