@@ -7,7 +7,6 @@ module whose node family has not landed yet is simply absent.
 from __future__ import annotations
 
 import importlib
-import logging
 
 FAMILIES = ["shifts", "train", "cutmix", "guidance", "editing", "arithmetic"]
 

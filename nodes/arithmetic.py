@@ -16,7 +16,7 @@ from ..svdiff import arithmetic as A
 from ..svdiff import inspect as I
 from ..svdiff import shiftfile
 from ..svdiff.shift import SpectralShift
-from ..svdiff.subsets import LAYER_PRESET_NAMES, STYLE_PRESETS, SUBSETS
+from ..svdiff.subsets import LAYER_PRESET_NAMES
 from . import interchange as X
 from .adapter import architecture_of
 from .common import CATEGORY, SpectralShiftType, SVDiffNodeError, log
@@ -158,7 +158,7 @@ class SVDiffInspectShift(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 SpectralShiftType.Input("shift_a", tooltip="The shift to inspect."),
-                *[SpectralShiftType.Input(s, optional=True, tooltip=f"Another shift to compare with A (optional).") for s in SLOTS[1:]],
+                *[SpectralShiftType.Input(s, optional=True, tooltip="Another shift to compare with A (optional).") for s in SLOTS[1:]],
             ],
             outputs=[io.Image.Output(display_name="IMAGE"), io.String.Output(display_name="summary")],
         )

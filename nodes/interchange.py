@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import torch
 

@@ -10,8 +10,7 @@ from comfy_api.latest import io, ui
 from ..svdiff import shiftfile
 from ..svdiff.shift import SpectralShift
 from .adapter import UNET_PREFIX, patch_with_shift
-from .common import (CATEGORY, SpectralShiftType, SVDiffNodeError, next_free_path, register_shift_folder, save_numbered,  # noqa: F401
-                     shift_files, shift_save_dir)
+from .common import CATEGORY, SpectralShiftType, SVDiffNodeError, register_shift_folder, save_numbered, shift_files, shift_save_dir
 
 
 def split_model_and_clip_keys(shift: SpectralShift):

@@ -14,7 +14,6 @@ weight is ever written, copied or given a gradient.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -30,7 +29,6 @@ import comfy.ops
 import comfy.sample
 import comfy.utils
 import folder_paths
-import node_helpers
 from comfy.patcher_extension import PatcherInjection
 from comfy_api.latest import io, ui
 

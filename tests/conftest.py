@@ -52,6 +52,18 @@ def tiny(comfy):
     return tiny_mod.build(seed=0)
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(comfy):
+    """(MODEL, CLIP, VAE) of the tiny model loaded by CheckpointLoaderSimple under inference
+    mode, as ComfyUI's executor loads a checkpoint (weights are inference tensors)."""
+    import nodes
+    from svdiff_testkit import tiny as tiny_mod
+
+    name = tiny_mod.install_checkpoint("tiny_train.safetensors", seed=0)
+    with torch.inference_mode():
+        return tuple(nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3])
+
+
 @pytest.fixture()
 def shift_dir(comfy):
     """models/svdiff of the test ComfyUI (created on demand)."""

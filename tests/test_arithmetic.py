@@ -223,12 +223,7 @@ def test_graph_combine_inspect_export_through_executor(comfy, shift_dir):
     from svdiff_testkit import tiny as tiny_mod
     from svdiff_testkit.comfy_env import pack_module, run_prompt
 
-    tiny_mod.register_tiny_sd()
-    ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
-    os.makedirs(ckpt_dir, exist_ok=True)
-    ckpt = os.path.join(ckpt_dir, "tiny_sd.safetensors")
-    if not os.path.exists(ckpt):
-        tiny_mod.write_checkpoint(ckpt)
+    tiny_mod.install_checkpoint("tiny_sd.safetensors")
     mp, _ = tiny_mod.build(seed=0)
     shapes = pack_module("nodes.adapter").shiftable_shapes(mp, "diffusion_model.")
     keys = [k for k in shapes if ".attn2." in k]

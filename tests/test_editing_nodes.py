@@ -297,12 +297,7 @@ def test_editing_graph_end_to_end(comfy, shift_dir):
     from svdiff_testkit.comfy_env import pack_module, run_prompt
     from svdiff.shift import SpectralShift, delta_length
 
-    tiny_mod.register_tiny_sd()
-    ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
-    os.makedirs(ckpt_dir, exist_ok=True)
-    ckpt = os.path.join(ckpt_dir, "tiny_editing.safetensors")
-    if not os.path.exists(ckpt):
-        tiny_mod.write_checkpoint(ckpt, seed=0)
+    tiny_mod.install_checkpoint("tiny_editing.safetensors", seed=0)
     mp, _ = tiny_mod.build(0)
     shapes = pack_module("nodes.adapter").shiftable_shapes(mp, "diffusion_model.")
     g = torch.Generator().manual_seed(9)
@@ -346,12 +341,7 @@ def test_editing_graph_with_svdiff_train(comfy):
     from svdiff_testkit import tiny as tiny_mod
     from svdiff_testkit.comfy_env import run_prompt
 
-    tiny_mod.register_tiny_sd()
-    ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
-    os.makedirs(ckpt_dir, exist_ok=True)
-    ckpt = os.path.join(ckpt_dir, "tiny_editing.safetensors")
-    if not os.path.exists(ckpt):
-        tiny_mod.write_checkpoint(ckpt, seed=0)
+    tiny_mod.install_checkpoint("tiny_editing.safetensors", seed=0)
     steps = 4
     train_inputs = {
         "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0],

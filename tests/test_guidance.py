@@ -1,6 +1,5 @@
 """Negative-prompt guidance (appendix C.3, Eq. 9) against ComfyUI's own CFGGuider."""
 
-import os
 
 import pytest
 import torch
@@ -154,16 +153,10 @@ def test_node_schema_and_errors(comfy, setup):
 
 
 def test_guider_runs_in_a_comfyui_graph(comfy):
-    import folder_paths
     from svdiff_testkit import tiny as tiny_mod
     from svdiff_testkit.comfy_env import run_prompt
 
-    tiny_mod.register_tiny_sd()
-    ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
-    os.makedirs(ckpt_dir, exist_ok=True)
-    ckpt = os.path.join(ckpt_dir, "tiny_sd.safetensors")
-    if not os.path.exists(ckpt):
-        tiny_mod.write_checkpoint(ckpt)
+    tiny_mod.install_checkpoint("tiny_sd.safetensors")
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd.safetensors"}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a sks dog and a hta sculpture"}},

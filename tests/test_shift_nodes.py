@@ -142,7 +142,7 @@ def test_load_node_errors_name_the_node_and_file(comfy, tiny, shift_dir):
     # a shift for another architecture: shapes differ -> refused, naming the key; nothing patched
     k = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     other = SpectralShift({k: torch.zeros(64)}, {k: (128, 64)}, {"architecture": "SD15"})
-    p = F.save_shift(other, os.path.join(shift_dir, "tests", "other_arch.safetensors"), overwrite=True)
+    F.save_shift(other, os.path.join(shift_dir, "tests", "other_arch.safetensors"), overwrite=True)
     with pytest.raises(Exception, match=r"other_arch.safetensors.*to_k"):
         Load.execute(model=mp, shift_name="tests/other_arch.safetensors", strength_model=1.0, strength_clip=1.0)
     foreign = SpectralShift({f"diffusion_model.zz.{i}.weight": torch.zeros(4) for i in range(3)},
@@ -155,16 +155,10 @@ def test_load_node_errors_name_the_node_and_file(comfy, tiny, shift_dir):
 
 def test_graph_runs_through_comfyui_executor(comfy, shift_dir):
     """Checkpoint -> Load Spectral Shift -> KSampler -> VAE Decode through PromptExecutor."""
-    import folder_paths
     from svdiff_testkit import tiny as tiny_mod
     from svdiff_testkit.comfy_env import run_prompt
 
-    tiny_mod.register_tiny_sd()
-    ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
-    os.makedirs(ckpt_dir, exist_ok=True)
-    ckpt = os.path.join(ckpt_dir, "tiny_sd.safetensors")
-    if not os.path.exists(ckpt):
-        tiny_mod.write_checkpoint(ckpt)
+    tiny_mod.install_checkpoint("tiny_sd.safetensors")
     mp, clip = tiny_mod.build(seed=0)
     sh = make_shift(mp, scale=0.2)
     F.save_shift(sh, os.path.join(shift_dir, "tests", "graph.safetensors"), overwrite=True)

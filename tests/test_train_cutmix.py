@@ -10,20 +10,8 @@ NONE = "[None]"
 
 
 @pytest.fixture(scope="module")
-def ckpt(comfy):
-    import folder_paths
-    import nodes
-    from svdiff_testkit import tiny
-
-    tiny.register_tiny_sd()
-    d = folder_paths.get_folder_paths("checkpoints")[0]
-    os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, "tiny_train.safetensors")
-    if not os.path.exists(path):
-        tiny.write_checkpoint(path, seed=0)
-    with torch.inference_mode():
-        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_train.safetensors")[:3]
-    return model, clip, vae
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def pack(name):

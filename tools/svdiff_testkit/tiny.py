@@ -143,3 +143,19 @@ def write_checkpoint(path: str, seed: int = 0) -> str:
     sd = {k: v.contiguous() for k, v in checkpoint_state_dict(seed).items()}
     save_file(sd, path)
     return path
+
+
+def install_checkpoint(name: str = "tiny_sd.safetensors", seed: int = 0) -> str:
+    """Register the tiny model type and write its checkpoint into ComfyUI's checkpoints folder
+    (once); returns the name CheckpointLoaderSimple takes."""
+    import os
+
+    import folder_paths
+
+    register_tiny_sd()
+    d = folder_paths.get_folder_paths("checkpoints")[0]
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, name)
+    if not os.path.exists(path):
+        write_checkpoint(path, seed=seed)
+    return name
