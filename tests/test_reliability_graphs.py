@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from svdiff_testkit import demo_model
+from svdiff_testkit.probes import fingerprint_outputs
 from svdiff_testkit import workflow as W
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,23 +69,6 @@ def checkpoint_objects(env):
     return outs[0][0], outs[1][0]
 
 
-def context_dim(model) -> int:
-    """Width of the text conditioning the demo model's UNet expects (tiny: 32, toy world: 64)."""
-    return int(model.model.model_config.unet_config["context_dim"])
-
-
-@torch.no_grad()
-def fingerprint_outputs(model, clip):
-    """What other nodes get from these objects: a UNet evaluation and a CLIP encoding."""
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([model], force_full_load=True)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, context_dim(model), generator=g)
-    unet = model.model.apply_model(x, torch.tensor([5.0]), c_crossattn=ctx).clone()
-    cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a sks robot"), return_pooled=True)
-    return unet, cond.clone(), pooled.clone()
 
 
 def base_prompt(ckpt):

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from svdiff_testkit import demo_model
+from svdiff_testkit.probes import fingerprint_outputs
 from svdiff_testkit import workflow as W
 
 CKPT_NODE = "2"  # the checkpoint loader's id in the bundled workflows
@@ -32,22 +33,6 @@ def checkpoint_objects(env):
     return entry.outputs[0][0], entry.outputs[1][0]
 
 
-def context_dim(model) -> int:
-    """Width of the text conditioning the demo model's UNet expects (tiny: 32, toy world: 64)."""
-    return int(model.model.model_config.unet_config["context_dim"])
-
-
-@torch.no_grad()
-def fingerprint_outputs(model, clip):
-    """What other nodes get from the checkpoint: a UNet evaluation and a CLIP encoding."""
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([model], force_full_load=True)
-    g = torch.Generator().manual_seed(0)
-    unet = model.model.apply_model(torch.randn(1, 4, 8, 8, generator=g), torch.tensor([5.0]),
-                                   c_crossattn=torch.randn(1, 77, context_dim(model), generator=g)).clone()
-    cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo of a sks robot"), return_pooled=True)
-    return unet, cond.clone(), pooled.clone()
 
 
 def rss_mb() -> float:
