@@ -69,8 +69,6 @@ def checkpoint_objects(env):
     return outs[0][0], outs[1][0]
 
 
-
-
 def base_prompt(ckpt):
     return {CKPT_NODE: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}}
 

@@ -33,8 +33,6 @@ def checkpoint_objects(env):
     return entry.outputs[0][0], entry.outputs[1][0]
 
 
-
-
 def rss_mb() -> float:
     import ctypes
     import gc
