@@ -89,7 +89,7 @@ def make_batch(rng, n: int):
     for _ in range(n):
         two = rng.random() < 0.35
         sc = world.random_scene(rng, world.ALL_SHAPES, two_prob=1.0 if two else 0.0)
-        img = torch.from_numpy(world.render(sc)).permute(2, 0, 1).float() / 255
+        img = torch.from_numpy(world.render(sc).copy()).permute(2, 0, 1).float() / 255
         if two:
             h = int(rng.integers(2))
             img, o = pad_half(img, h), sc.objects[h]
