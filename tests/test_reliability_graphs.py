@@ -103,18 +103,6 @@ def with_shift(env, shift_name, tag, seed=7):
     return p, out
 
 
-def fill_defaults(prompt: dict, defs: dict) -> dict:
-    """Required widget inputs a bundled workflow does not carry yet (a node gained an input
-    after the workflow was written) get the node's default, as the editor would add them."""
-    for entry in prompt.values():
-        info = defs.get(entry["class_type"], {})
-        for name, spec in (info.get("input", {}).get("required") or {}).items():
-            if name not in entry["inputs"] and isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) \
-                    and "default" in spec[1]:
-                entry["inputs"][name] = spec[1]["default"]
-    return prompt
-
-
 def shrink(prompt):
     """The bundled workflows, made small enough for a CPU test (same graph, fewer steps/pixels):
     every unlinked steps/size input of every node is overridden."""
@@ -138,7 +126,7 @@ def test_bundled_workflows_leave_the_checkpoint_bit_identical(env):
     ref = fingerprint_outputs(model0, clip0)
     ran, seconds = [], {}
     for path in WORKFLOWS:
-        prompt = shrink(fill_defaults(W.to_prompt(path, env["defs"], replace={"ckpt_name": env["ckpt"], "shift_name": SHIFTS[0]}),
+        prompt = shrink(W.fill_defaults(W.to_prompt(path, env["defs"], replace={"ckpt_name": env["ckpt"], "shift_name": SHIFTS[0]}),
                                          env["defs"]))
         assert prompt[CKPT_NODE]["class_type"] == "CheckpointLoaderSimple", path
         pack_nodes = sorted({e["class_type"] for e in prompt.values() if e["class_type"].startswith("SVDiff")})

@@ -54,18 +54,6 @@ MAX_GROWTH_MB = 64.0
 TRAIN_STEPS, PRIORS, PRIOR_STEPS = 5, 2, 3
 
 
-def fill_defaults(prompt: dict, defs: dict) -> dict:
-    """Required widget inputs a bundled workflow does not carry yet (a node gained an input
-    after the workflow was written) get the node's default, as the editor would add them."""
-    for entry in prompt.values():
-        info = defs.get(entry["class_type"], {})
-        for name, spec in (info.get("input", {}).get("required") or {}).items():
-            if name not in entry["inputs"] and isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) \
-                    and "default" in spec[1]:
-                entry["inputs"][name] = spec[1]["default"]
-    return prompt
-
-
 class Interrupter:
     """A ComfyUI progress hook that raises the interrupt flag at update number ``at``."""
 
@@ -90,7 +78,7 @@ def env(comfy):
 
     info = demo_model.install()
     defs = W.object_info()
-    wf = fill_defaults(W.to_prompt(os.path.join(REPO, "workflows", "01_single_subject.json"), defs,
+    wf = W.fill_defaults(W.to_prompt(os.path.join(REPO, "workflows", "01_single_subject.json"), defs,
                                    replace={"ckpt_name": info["checkpoint_name"]}), defs)
     keep = {nid: e for nid, e in wf.items() if e["class_type"] in
             {"CheckpointLoaderSimple", "LoadImage", "ImageBatch", "SVDiffTrain", "SVDiffSaveShift"}}

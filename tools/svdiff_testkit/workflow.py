@@ -254,6 +254,18 @@ def to_prompt(workflow, defs: dict, replace: dict | None = None) -> dict:
 # --------------------------------------------------------------------------- validation
 
 
+def fill_defaults(prompt: dict, defs: dict) -> dict:
+    """Required widget inputs a bundled workflow does not carry yet (a node gained an input
+    after the workflow was written) get the node's default, as the editor would add them."""
+    for entry in prompt.values():
+        info = defs.get(entry["class_type"], {})
+        for name, spec in (info.get("input", {}).get("required") or {}).items():
+            if name not in entry["inputs"] and isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) \
+                    and "default" in spec[1]:
+                entry["inputs"][name] = spec[1]["default"]
+    return prompt
+
+
 def _types_match(out_type: str, in_type) -> bool:
     if isinstance(in_type, list):
         in_type = "COMBO"
