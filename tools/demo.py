@@ -7,11 +7,26 @@ the editor would queue them (converted from workflows/*.json), with step counts 
 shrunk for a CPU.  It prints what it does with a progress bar and where the shift files and
 images are.
 
-THE DEMO MODEL'S IMAGES ARE NOT MEANINGFUL: it is a tiny random-weight stand-in for Stable
-Diffusion, so the pictures are coloured noise.  The demo shows that the graphs run end to end;
-for real results open the same workflows in ComfyUI with a real SD1.5 checkpoint.
+The demo model is the pretrained toy world of ``tools/toyworld`` when its weights are in the
+tree, else a tiny random-weight stand-in for Stable Diffusion:
 
-Options: ``--base DIR`` (default build/demo), ``--keep`` (keep earlier outputs).
+* toy world: the bundled workflows are SD1.5 workflows (photo prompts, 512 px pictures) shrunk
+  onto a 64x64 model of coloured shapes, so THEIR images show only that the graphs run end to
+  end.  Then the demo writes the toy world's contact sheet (``tools/toyworld/contact_sheet.py``):
+  the held-out concept "a sks thing" learned from 4 images with SVDiff Train, base vs
+  fine-tuned samples, the concept in new contexts, two concepts with and without
+  Cut-Mix-Unmix, an edit of one image (DDIM Invert + Slerp Noise) and an interpolation strip
+  between two shifts, each row with the toy classifier's reading.  These images ARE meaningful
+  (at the toy's scale); it takes a few CPU minutes more.
+* tiny stand-in (toy weights absent): the pictures are coloured noise and there is no contact
+  sheet; the demo shows that the graphs run end to end.
+
+For real results open the same workflows in ComfyUI with a real SD1.5 checkpoint.
+
+Options: ``--base DIR`` (default build/demo), ``--keep`` (keep earlier outputs), ``--no-sheet``
+(skip the contact sheet), ``--sheet-only`` (only the contact sheet), ``--checkpoint PATH``
+(another toy checkpoint file for the contact sheet), ``--quick-sheet`` (a few steps of
+everything: seconds, not meaningful).
 """
 
 from __future__ import annotations
@@ -99,7 +114,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run the SVDiff workflows headless on the demo model.")
     ap.add_argument("--base", default=os.path.join(REPO, "build", "demo"))
     ap.add_argument("--keep", action="store_true", help="keep earlier outputs and shift files")
+    ap.add_argument("--no-sheet", action="store_true", help="skip the toy world's contact sheet")
+    ap.add_argument("--sheet-only", action="store_true", help="only the toy world's contact sheet (no workflows)")
+    ap.add_argument("--checkpoint", default=None, help="a toy checkpoint file for the contact sheet (default: the committed one)")
+    ap.add_argument("--quick-sheet", action="store_true", help="a few steps of everything on the sheet (not meaningful)")
     a = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("TOYWORLD_THREADS", "1")))  # 1 is fastest for these small models
     base = os.path.abspath(a.base)
     if not a.keep:
         for d in ("output", os.path.join("models", "svdiff")):
@@ -120,9 +142,22 @@ def main(argv=None) -> int:
     comfy.utils.PROGRESS_BAR_ENABLED = False  # the samplers' own tqdm bars; ours shows their steps
     defs = W.object_info()
     ckpt = demo_model.demo_checkpoint_name()
-    print(f"  demo model: {ckpt} ({demo_model.demo_kind()}), in {folder_paths.get_folder_paths('checkpoints')[0]}")
-    print("  NOTE: the demo model is a tiny stand-in; its images are NOT meaningful. Use a real SD1.5 "
-          "checkpoint in ComfyUI for real results.\n", flush=True)
+    kind = demo_model.demo_kind()
+    toy = kind == "toyworld"
+    print(f"  demo model: {ckpt} ({kind}), in {folder_paths.get_folder_paths('checkpoints')[0]}")
+    if toy:
+        print("  NOTE: the demo model is the toy world (64x64 coloured shapes). The bundled SD1.5 workflows below run on\n"
+              "  it only to show the graphs work (their photo prompts mean nothing to it); the contact sheet at the end\n"
+              "  shows SVDiff itself on the toy's held-out concepts, with the classifier's reading of every row.\n", flush=True)
+    else:
+        print("  NOTE: the demo model is a tiny random stand-in (the toy world's weights are absent); its images are NOT\n"
+              "  meaningful. Use a real SD1.5 checkpoint in ComfyUI for real results.\n", flush=True)
+    if a.sheet_only:
+        if not toy:
+            raise SystemExit("--sheet-only: the contact sheet needs the toy world's weights (tools/toyworld/weights)")
+        path = contact_sheet_step(base, a)
+        print(f"\nDone in {time.monotonic() - t_start:.0f} s. Contact sheet: {path}")
+        return 0
 
     def prompt_of(fname):
         return demo_model.shrink_prompt(W.to_prompt(os.path.join(WF, fname), defs, replace={"ckpt_name": ckpt}))
@@ -169,10 +204,31 @@ def main(argv=None) -> int:
     print("  spectral-shift files:")
     for s in shifts:
         print(f"      {s} ({os.path.getsize(s) / 1024:.1f} KiB)")
+    sheet = None
+    if toy and not a.no_sheet:
+        sheet = contact_sheet_step(base, a)
     print(f"\nDone in {time.monotonic() - t_start:.0f} s. Output folder: {os.path.join(base, 'output')}")
-    print("Reminder: these images come from the tiny demo model and are not meaningful; with a real SD1.5 "
-          "checkpoint the same workflows (make serve, or drag workflows/*.json into ComfyUI) give real results.")
+    if sheet:
+        print(f"Contact sheet (SVDiff on the toy world, meaningful at its scale): {sheet}")
+        print("The workflow images above are SD1.5 workflows shrunk onto the toy model: they show the graphs run. With a "
+              "real SD1.5 checkpoint the same workflows (make serve, or drag workflows/*.json into ComfyUI) give real results.")
+    elif toy:
+        print("The workflow images above are SD1.5 workflows shrunk onto the toy model: they show the graphs run "
+              "(the contact sheet was skipped). Use a real SD1.5 checkpoint in ComfyUI for real results.")
+    else:
+        print("Reminder: these images come from the tiny demo model and are not meaningful; with a real SD1.5 "
+              "checkpoint the same workflows (make serve, or drag workflows/*.json into ComfyUI) give real results.")
     return 0
+
+
+def contact_sheet_step(base: str, a) -> str:
+    """The toy world's contact sheet (issue 9), into <base>/output/svdiff."""
+    from toyworld import contact_sheet
+
+    print("\nToy-world contact sheet: SVDiff Train / Cut-Mix-Unmix / editing / interpolation on the toy model "
+          f"({'quick' if a.quick_sheet else 'a few CPU minutes'}) ...", flush=True)
+    return contact_sheet.make_contact_sheet(os.path.join(base, "output", "svdiff"), checkpoint=a.checkpoint,
+                                            quick=a.quick_sheet, log=lambda m: print(m, flush=True))
 
 
 if __name__ == "__main__":
