@@ -6,10 +6,10 @@ and uses the pack's real nodes on the toy checkpoint (loaded by CheckpointLoader
 1. base model, ``"a sks thing"`` (4 seeds)
 2. the same seeds after SVDiff Train on 4 images of the held-out star (``world.concept_images``)
 3. the trained concept recontextualised (``"a sks thing on a blue background"``, ``"a red sks thing"``, ...)
-4. two concepts, ``"a sks thing and a olis thing"``: one shift trained on both with the
-   Cut-Mix Builder and unmix_weight > 0, against the two single-subject shifts added with
-   Combine Shifts (mode add; ``--set two_baseline=joint`` trains one shift on both subjects'
-   images without cut-mix instead)
+4. two concepts, ``"photo of a sks thing and a olis thing"``: one shift trained on both with the
+   Cut-Mix Builder (probability 0.6) and unmix_weight > 0, against one shift trained on the
+   same two subjects by the same builder with probability 0 and no unmix (``--set
+   two_baseline=add``: the two single-subject shifts added with Combine Shifts instead)
 5. single-image editing: one world image, SVDiff Train on it with its caption (no prior),
    DDIM Invert with the caption, Slerp Noise, KSamplerAdvanced (ddim, add_noise disable)
    with edited prompts: source / reconstruction / edits
@@ -52,13 +52,14 @@ class Recipe:
     """Every number of the sheet (re-tune here or with ``--set name=value``)."""
 
     # sampling (rows 1-4, 6): KSampler euler/normal, the same seeds for base and fine-tuned
-    samples: int = 4
+    samples: int = 4  # shown per row
+    score_samples: int = 16  # read by the classifier per row (rows 1, 2, 4): the first `samples` are shown
     sample_steps: int = 15
     cfg: float = 5.0
     seed: int = 5
     # concept shifts (SVDiff Train, UNet subset, no prior: the toy base has no class "thing")
-    train_steps: int = 80
-    train_lr: float = 2e-2
+    train_steps: int = 150
+    train_lr: float = 5e-2
     train_lr_1d: float = 1e-4
     train_batch: int = 4
     train_seed: int = 0
@@ -68,29 +69,33 @@ class Recipe:
     recontext: tuple = ("a sks thing on a blue background", "a red sks thing", "a green sks thing on a white background",
                         "a purple sks thing on a gray background", "a blue sks thing on a black background")
     # row 4: two concepts
-    two_prompt: str = "a sks thing and a olis thing"
+    # the Cut-Mix Builder writes its training prompts as "photo of a sks thing and a olis thing" (svdiff/cutmix.py)
+    two_prompt: str = "photo of a sks thing and a olis thing"
     two_second_colour: str = "purple"
-    cutmix_steps: int = 120
+    cutmix_steps: int = 200
     cutmix_probability: float = 0.6
     cutmix_layout: str = "left-right"
     unmix_weight: float = 1.0
-    two_baseline: str = "add"  # "add": Combine Shifts of the two single shifts; "joint": one shift, both subjects, no cut-mix
+    # "joint": one shift trained on both subjects' images by the same Cut-Mix Builder with probability 0 and no unmix
+    # (same prompts and steps: only Cut-Mix-Unmix differs); "add": Combine Shifts (add) of two single-subject shifts
+    two_baseline: str = "joint"
     # row 5: single-image editing
     edit_seed: int = 11  # which world scene is edited
-    edit_steps: int = 60
-    edit_lr: float = 2e-2
+    edit_steps: int = 100
+    edit_lr: float = 5e-2
     invert_steps: int = 20
+    invert_refine: int = 0  # DDIM Invert's refine_iterations (0 = plain DDIM inversion, as in the paper)
     slerp_alpha: float = 0.3
     edit_cfg: float = 3.0
     edits: tuple = ("background", "colour")  # which attributes the edited prompts change
     # row 6: interpolation between the star shift and a ring shift trained on the same prompt
     alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
-    interp_seed: int = 3
+    interp_seed: int = 5  # = `seed`: the strip continues the first column of rows 1-2
 
 
 def quick_recipe() -> Recipe:
     """A few steps of everything: exercises every node on the sheet in seconds (for the test)."""
-    return dataclasses.replace(Recipe(), samples=2, sample_steps=3, train_steps=3, train_batch=2, concept_images=2,
+    return dataclasses.replace(Recipe(), samples=2, score_samples=2, sample_steps=3, train_steps=3, train_batch=2, concept_images=2,
                                recontext=("a sks thing on a blue background", "a red sks thing"), cutmix_steps=3,
                                edit_steps=2, invert_steps=3, alphas=(0.0, 0.5, 1.0))
 
@@ -311,18 +316,21 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
         prompt = "a sks thing"
 
         # 1-2: base vs fine-tuned, same seeds
+        k = max(n, r.score_samples)
+        shown = f" ({n} of {k} shown)" if k > n else ""
         with timed("sample"):
-            base = N.sample(model, clip, vae, prompt, n, r.seed, r)
-        say(Row(f"1. base model, '{prompt}' (seeds {r.seed}..)", f"{_shape_count(base, star)}/{n} read as {star}",
-                list(base), _shapes(base)))
+            base = N.sample(model, clip, vae, prompt, k, r.seed, r)
+        say(Row(f"1. base model, '{prompt}', seed {r.seed}", f"{_shape_count(base, star)}/{k} read as {star}{shown}",
+                list(base[:n]), _shapes(base[:n])))
         with timed("train sks"):
             sks_imgs = _images("sks", r.concept_images, r.concept_colour)
             sks_model, sks_shift = N.train(model, clip, vae, r, r.train_steps, r.train_lr, "sks", images=sks_imgs,
                                            prompt=prompt)
         with timed("sample"):
-            tuned = N.sample(sks_model, clip, vae, prompt, n, r.seed, r)
-        say(Row(f"2. after SVDiff Train on {r.concept_images} star images ({r.train_steps} steps), same seeds",
-                f"{_shape_count(tuned, star)}/{n} read as {star}", list(tuned), _shapes(tuned)))
+            tuned = N.sample(sks_model, clip, vae, prompt, k, r.seed, r)
+        say(Row(f"2. after SVDiff Train on {r.concept_images} {r.concept_colour} star images ({r.train_steps} steps, "
+                f"lr {r.train_lr:g}), same seed", f"{_shape_count(tuned, star)}/{k} read as {star}{shown}",
+                list(tuned[:n]), _shapes(tuned[:n])))
 
         # 3: recontextualisation
         with timed("sample"):
@@ -343,7 +351,7 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
                                        resolution=world.SIZE, preview_count=1))[0]
             cm_model, _ = N.train(model, clip, vae, r, r.cutmix_steps, r.train_lr, "cutmix", training_set=ts,
                                   unmix_weight=r.unmix_weight)
-        with timed("train olis"):
+        with timed("train baseline"):
             if r.two_baseline == "add":
                 _, olis_shift = N.train(model, clip, vae, r, r.train_steps, r.train_lr, "olis", images=olis_imgs,
                                         prompt="a olis thing")
@@ -359,8 +367,8 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
             else:
                 raise SystemExit(f"Recipe.two_baseline: {r.two_baseline!r} is not 'add' or 'joint'")
         with timed("sample"):
-            with_cm = N.sample(cm_model, clip, vae, r.two_prompt, n, r.seed, r)
-            without = N.sample(base_model, clip, vae, r.two_prompt, n, r.seed, r)
+            with_cm = N.sample(cm_model, clip, vae, r.two_prompt, k, r.seed, r)
+            without = N.sample(base_model, clip, vae, r.two_prompt, k, r.seed, r)
 
         def two_caps(imgs):
             return [" | ".join(s for s, _ in classifier.read_scene(im, 2)["objects"]) for im in imgs]
@@ -369,7 +377,9 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
                              f"{r.cutmix_steps} steps)", with_cm),
                             (f"4b. the same prompt and seeds without Cut-Mix-Unmix: {baseline}", without)):
             hits = sum(classifier.score(im, r.two_prompt) for im in imgs)
-            say(Row(label, f"{hits}/{n} read as {star} (left) and {ring} (right)", list(imgs), two_caps(imgs)))
+            either = sum({star, ring} <= {sh for sh, _ in classifier.read_scene(im, 2)["objects"]} for im in imgs)
+            say(Row(label, f"{hits}/{k} read as {star} (left) and {ring} (right), {either}/{k} show both in either order{shown}",
+                    list(imgs[:n]), two_caps(imgs[:n])))
 
         # 5: single-image editing
         rng = np.random.default_rng(r.edit_seed)
@@ -380,7 +390,8 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
             ed_model, _ = N.train(model, clip, vae, r, r.edit_steps, r.edit_lr, "edit", images=src, prompt=cap, batch=1)
             latent = N.c.VAEEncode().encode(vae, src)[0]
             pos_src = N.encode(clip, cap)
-            inv, sig = _res(N.Invert.execute(ed_model, pos_src, latent, r.invert_steps, 1.0, "ddim_uniform", 0, 10000, 0))
+            inv, sig = _res(N.Invert.execute(ed_model, pos_src, latent, r.invert_steps, 1.0, "ddim_uniform", 0, 10000,
+                                                 r.invert_refine))
 
             def back(lat, text):
                 pos = N.encode(clip, text)
