@@ -32,18 +32,22 @@ the toy world's attribute classifier (tools/toyworld/classifier.py):
                      back (``classifier.score``: star AND colour AND background);
   context          = the same samples scored on colour/background only (the shape ignored),
                      which separates "forgot the context" from "did not learn the star";
+* fit loss         = the Eq. 1 eps loss on the 4 training latents with fixed noise and
+                     timesteps (``FIT_TIMESTEPS``): how closely the training images are fitted;
 * prior drift      = on untouched world prompts ("a red circle on a black background", ...):
-                     prompt accuracy (the base model's in the header) and the mean absolute
-                     pixel difference (0-255) to the base model's images for the same seeds;
+                     prompt accuracy (the base model's on the first row), "world = base", the
+                     share of samples the classifier reads exactly as the base model's sample
+                     of the same seed, and the mean absolute pixel difference (0-255) to it;
 * trainable parameters and the size of what each method saves, all in float16: the shift
   file (the pack's writer, ``svdiff.shiftfile.save_shift``), the LoRA state dict TrainLoraNode
   returns (safetensors), the whole UNet state dict (safetensors).
 
 Output: a markdown table on stdout (ratios against full fine-tuning), ``--json`` with the raw
 numbers, ``<out>/fig9b.png`` (x = text alignment, y = image alignment, one labelled marker per
-run, as Fig. 9(b)) and ``<out>/samples.png`` (the first concept and recontext samples per run).
+run as in Fig. 9(b), a method's learning-rate sweep joined by a thin line), ``<out>/samples.png``
+(the first concept and recontext samples of every model) and the saved files in ``<out>/files``.
 
-    .venv/bin/python bench/bench_toyworld.py                    # default recipe (~15 min on 2 busy cores)
+    .venv/bin/python bench/bench_toyworld.py                    # default recipe (about 9 min on 2 shared cores)
     .venv/bin/python bench/bench_toyworld.py --quick            # few steps/samples, for development
     .venv/bin/python bench/bench_toyworld.py --checkpoint /tmp/tw/toyworld.safetensors \\
         --runs "svdiff:UNet@1e-2/3e-2,lora:4@1e-3,full@1e-4" --steps 120
@@ -96,7 +100,7 @@ SAMPLER, SCHEDULER = "euler", "normal"
 SAMPLE_STEPS = 20                  # quick: QUICK_SAMPLE_STEPS
 QUICK_SAMPLE_STEPS = 10
 CFG = 5.0
-CONCEPT_SAMPLES, QUICK_CONCEPT_SAMPLES = 32, 6
+CONCEPT_SAMPLES, QUICK_CONCEPT_SAMPLES = 48, 6
 CONCEPT_SEED = 1000
 RECONTEXT_PROMPTS = [
     "a red sks thing",
@@ -108,7 +112,7 @@ RECONTEXT_PROMPTS = [
     "a red sks thing on a white background",
     "a sks thing on a gray background",
 ]
-RECONTEXT_PER_PROMPT, QUICK_RECONTEXT_PER_PROMPT = 4, 1
+RECONTEXT_PER_PROMPT, QUICK_RECONTEXT_PER_PROMPT = 6, 1
 RECONTEXT_SEED = 2000
 WORLD_PROMPTS = [
     "a red circle on a black background",
@@ -120,7 +124,7 @@ WORLD_PROMPTS = [
     "a red cross and a green circle on a black background",
     "a yellow triangle on a gray background",
 ]
-WORLD_PER_PROMPT, QUICK_WORLD_PER_PROMPT = 3, 1
+WORLD_PER_PROMPT, QUICK_WORLD_PER_PROMPT = 4, 1
 WORLD_SEED = 3000
 # fit loss: Eq. 1 eps loss on the 4 training latents with fixed noise (FIT_SEED) at these timesteps
 FIT_TIMESTEPS = [50, 200, 400, 600, 800, 950]
@@ -366,79 +370,100 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _marker(d, kind: str, x: float, y: float, r: float = 6) -> None:
+    c = COLOURS[kind]
+    if kind == "base":
+        d.rectangle([x - r, y - r, x + r, y + r], outline=c, width=3)
+    elif kind == "full":
+        d.polygon([(x, y - r - 2), (x + r + 2, y + r), (x - r - 2, y + r)], fill=c)
+    elif kind == "lora":
+        d.polygon([(x, y - r - 2), (x + r + 2, y), (x, y + r + 2), (x - r - 2, y)], fill=c)
+    else:
+        d.ellipse([x - r, y - r, x + r, y + r], fill=c)
+
+
+def _axis_max(values) -> float:
+    """Zoom like the paper's Fig. 9(b): the next tenth above the largest value (+0.05), at least 0.2, at most 1."""
+    import math
+
+    return min(1.0, max(0.2, math.ceil((max(values) + 0.05) * 10) / 10))
+
+
 def plot(results: list, base: dict, path: str, subtitle: str) -> None:
-    """Fig. 9(b) at toy scale with PIL: x = text alignment, y = image alignment, labelled markers."""
+    """Fig. 9(b) at toy scale with PIL: x = text alignment, y = image alignment, numbered markers, a key."""
     from PIL import Image, ImageDraw
 
-    W, H, L, R, TOP, B = 980, 760, 90, 300, 70, 80
+    W, H, L, R, TOP, B = 1000, 720, 80, 330, 70, 70
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     f, fs, ft = _font(14), _font(12), _font(18)
     pw, ph = W - L - R, H - TOP - B
-
-    def xy(x, y):
-        return L + x * pw, TOP + (1 - y) * ph
-
-    for k in range(11):
-        v = k / 10
-        gx, _ = xy(v, 0)
-        _, gy = xy(0, v)
-        d.line([(gx, TOP), (gx, TOP + ph)], fill=(232, 232, 232))
-        d.line([(L, gy), (L + pw, gy)], fill=(232, 232, 232))
-        if k % 2 == 0:
-            d.text((gx, TOP + ph + 6), f"{v:.1f}", fill="black", font=fs, anchor="ma")
-            d.text((L - 8, gy), f"{v:.1f}", fill="black", font=fs, anchor="rm")
-    d.rectangle([L, TOP, L + pw, TOP + ph], outline="black")
-    d.text((L + pw / 2, H - 30), "text alignment (recontextualised prompts fully read back)", fill="black", font=f, anchor="ma")
-    # the y label, rotated: drawn on its own canvas
-    lab = Image.new("RGB", (ph, 24), "white")
-    ImageDraw.Draw(lab).text((ph / 2, 12), "image alignment (\"a sks thing\" read as a star)", fill="black", font=f, anchor="mm")
-    img.paste(lab.rotate(90, expand=True), (8, TOP))
-    d.text((L, 22), "Fig. 9(b) at toy scale: learning the held-out star from 4 images", fill="black", font=ft)
-    d.text((L, 46), subtitle, fill=(80, 80, 80), font=fs)
-
     pts = [("base model", "base", base["text"], base["concept"])]
     pts += [(r["name"], r["kind"], r["text"], r["concept"]) for r in results]
+    xmax, ymax = _axis_max([p[2] for p in pts]), _axis_max([p[3] for p in pts])
+
+    def xy(x, y):
+        return L + x / xmax * pw, TOP + (1 - y / ymax) * ph
+
+    for axis, vmax in (("x", xmax), ("y", ymax)):
+        step = 0.05 if vmax <= 0.3 else 0.1
+        for k in range(int(round(vmax / step)) + 1):
+            v = k * step
+            if axis == "x":
+                gx, _ = xy(v, 0)
+                d.line([(gx, TOP), (gx, TOP + ph)], fill=(232, 232, 232))
+                d.text((gx, TOP + ph + 6), f"{v:.2f}", fill="black", font=fs, anchor="ma")
+            else:
+                _, gy = xy(0, v)
+                d.line([(L, gy), (L + pw, gy)], fill=(232, 232, 232))
+                d.text((L - 8, gy), f"{v:.2f}", fill="black", font=fs, anchor="rm")
+    d.rectangle([L, TOP, L + pw, TOP + ph], outline="black")
+    d.text((L + pw / 2, H - 30), "text alignment (recontextualised prompts: star, colour and background read back)",
+           fill="black", font=f, anchor="ma")
+    lab = Image.new("RGB", (ph, 24), "white")  # the y label, rotated: drawn on its own canvas
+    ImageDraw.Draw(lab).text((ph / 2, 12), "image alignment (\"a sks thing\" read as a star)", fill="black", font=f, anchor="mm")
+    img.paste(lab.rotate(90, expand=True), (6, TOP))
+    d.text((L, 20), "Fig. 9(b) at toy scale: learning the held-out star from 4 images", fill="black", font=ft)
+    d.text((L, 46), subtitle, fill=(80, 80, 80), font=fs)
+
+    groups: dict = {}  # one method/setting swept over learning rates: a thin line in lr order
+    for r in results:
+        groups.setdefault((r["kind"], r["arg"]), []).append(r)
+    for (kind, _), rs in groups.items():
+        if len(rs) > 1:
+            d.line([xy(r["text"], r["concept"]) for r in sorted(rs, key=lambda r: r["lr"])], fill=COLOURS[kind], width=1)
     placed = []
-    for name, kind, x, y in pts:
+    for i, (name, kind, x, y) in enumerate(pts):
         px, py = xy(x, y)
-        c = COLOURS[kind]
-        if kind == "base":
-            d.rectangle([px - 6, py - 6, px + 6, py + 6], outline=c, width=3)
-        elif kind == "full":
-            d.polygon([(px, py - 8), (px + 8, py + 6), (px - 8, py + 6)], fill=c)
-        elif kind == "lora":
-            d.polygon([(px, py - 8), (px + 8, py), (px, py + 8), (px - 8, py)], fill=c)
-        else:
-            d.ellipse([px - 6, py - 6, px + 6, py + 6], fill=c)
-        tw = d.textlength(name, font=fs)
-        lx, ly = px + 10, py - 7
-        if lx + tw > W - 8:
-            lx = px - 10 - tw
-        for _ in range(40):  # move the label down until it overlaps no earlier label
-            box = (lx, ly, lx + tw, ly + 14)
+        _marker(d, kind, px, py)
+        placed.append((px - 8, py - 8, px + 8, py + 8))
+    for i, (name, kind, x, y) in enumerate(pts):  # the run's number beside its marker, where it overlaps nothing
+        px, py = xy(x, y)
+        tag = str(i) if i else "B"
+        tw = d.textlength(tag, font=fs)
+        spots = [(px + 9, py - 16), (px + 9, py + 2), (px - 9 - tw, py - 16), (px - 9 - tw, py + 2)]
+        spots += [(px + 9 + 14 * k, py - 7) for k in range(1, 12)] + [(px - 9 - tw - 14 * k, py - 7) for k in range(1, 12)]
+        for lx, ly in spots:
+            box = (lx - 1, ly, lx + tw + 1, ly + 14)
             if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
                 break
-            ly += 15
-        placed.append((lx, ly, lx + tw, ly + 14))
-        if abs(ly - (py - 7)) > 1:
-            d.line([(px, py), (lx, ly + 7)], fill=(170, 170, 170))
-        d.text((lx, ly), name, fill=c, font=fs)
-    # legend
-    lx, ly = L + pw + 20, TOP + 10
-    for kind, text in (("svdiff", "SVDiff Train (Table 1 subset)"), ("lora", "ComfyUI TrainLoraNode"),
-                       ("full", "full fine-tuning"), ("base", "base model")):
-        c = COLOURS[kind]
-        if kind == "base":
-            d.rectangle([lx, ly, lx + 12, ly + 12], outline=c, width=3)
-        elif kind == "full":
-            d.polygon([(lx + 6, ly), (lx + 12, ly + 12), (lx, ly + 12)], fill=c)
-        elif kind == "lora":
-            d.polygon([(lx + 6, ly), (lx + 12, ly + 6), (lx + 6, ly + 12), (lx, ly + 6)], fill=c)
         else:
-            d.ellipse([lx, ly, lx + 12, ly + 12], fill=c)
-        d.text((lx + 20, ly - 1), text, fill="black", font=fs)
-        ly += 22
+            lx, ly = spots[0]
+        placed.append((lx - 1, ly, lx + tw + 1, ly + 14))
+        d.text((lx, ly), tag, fill=COLOURS[kind], font=fs)
+    # key: number -> run
+    kx, ky = L + pw + 24, TOP
+    for i, (name, kind, x, y) in enumerate(pts):
+        _marker(d, kind, kx + 6, ky + 7, r=5)
+        d.text((kx + 18, ky), f"{i if i else 'B'}  {name}  ({x:.2f}, {y:.2f})", fill="black", font=fs)
+        ky += 19
+    ky += 10
+    for kind, text in (("svdiff", "SVDiff Train (Table 1 subset)"), ("lora", "ComfyUI TrainLoraNode (LoRA)"),
+                       ("full", "full fine-tuning (all UNet weights)"), ("base", "base model, no training")):
+        _marker(d, kind, kx + 6, ky + 7, r=5)
+        d.text((kx + 18, ky), text, fill=COLOURS[kind], font=fs)
+        ky += 19
+    d.text((kx, ky + 6), "thin lines: one setting at rising lr", fill=(80, 80, 80), font=fs)
     img.save(path)
 
 
