@@ -47,7 +47,7 @@ numbers, ``<out>/fig9b.png`` (x = text alignment, y = image alignment, one label
 run as in Fig. 9(b), a method's learning-rate sweep joined by a thin line), ``<out>/samples.png``
 (the first concept and recontext samples of every model) and the saved files in ``<out>/files``.
 
-    .venv/bin/python bench/bench_toyworld.py                    # default recipe (about 9 min on 2 shared cores)
+    .venv/bin/python bench/bench_toyworld.py                    # default recipe (about 6 min on 2 shared cores)
     .venv/bin/python bench/bench_toyworld.py --quick            # few steps/samples, for development
     .venv/bin/python bench/bench_toyworld.py --checkpoint /tmp/tw/toyworld.safetensors \\
         --runs "svdiff:UNet@1e-2/3e-2,lora:4@1e-3,full@1e-4" --steps 120
@@ -100,7 +100,7 @@ SAMPLER, SCHEDULER = "euler", "normal"
 SAMPLE_STEPS = 20                  # quick: QUICK_SAMPLE_STEPS
 QUICK_SAMPLE_STEPS = 10
 CFG = 5.0
-CONCEPT_SAMPLES, QUICK_CONCEPT_SAMPLES = 48, 6
+CONCEPT_SAMPLES, QUICK_CONCEPT_SAMPLES = 32, 6
 CONCEPT_SEED = 1000
 RECONTEXT_PROMPTS = [
     "a red sks thing",
@@ -112,7 +112,7 @@ RECONTEXT_PROMPTS = [
     "a red sks thing on a white background",
     "a sks thing on a gray background",
 ]
-RECONTEXT_PER_PROMPT, QUICK_RECONTEXT_PER_PROMPT = 6, 1
+RECONTEXT_PER_PROMPT, QUICK_RECONTEXT_PER_PROMPT = 4, 1
 RECONTEXT_SEED = 2000
 WORLD_PROMPTS = [
     "a red circle on a black background",
@@ -124,7 +124,7 @@ WORLD_PROMPTS = [
     "a red cross and a green circle on a black background",
     "a yellow triangle on a gray background",
 ]
-WORLD_PER_PROMPT, QUICK_WORLD_PER_PROMPT = 4, 1
+WORLD_PER_PROMPT, QUICK_WORLD_PER_PROMPT = 3, 1
 WORLD_SEED = 3000
 # fit loss: Eq. 1 eps loss on the 4 training latents with fixed noise (FIT_SEED) at these timesteps
 FIT_TIMESTEPS = [50, 200, 400, 600, 800, 950]
@@ -525,6 +525,9 @@ def main() -> None:
         runs = parse_runs(args.runs or (QUICK_RUNS if q else DEFAULT_RUNS))
     except ValueError as e:
         ap.error(str(e))
+    for opt in ("checkpoint", "classifier"):
+        if getattr(args, opt) and not os.path.isfile(getattr(args, opt)):
+            ap.error(f"--{opt}: no file {getattr(args, opt)}")
     args.out = os.path.abspath(args.out)
     args.files_dir = os.path.join(args.out, "files")
     os.makedirs(args.files_dir, exist_ok=True)
