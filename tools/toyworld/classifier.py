@@ -100,7 +100,7 @@ def make_batch(rng, n: int):
     return torch.stack(xs), torch.tensor(ys)
 
 
-def train(steps: int = 600, batch: int = 64, seed: int = 0, log=print) -> AttributeNet:
+def train(steps: int = 1500, batch: int = 64, seed: int = 0, log=print) -> AttributeNet:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
@@ -185,8 +185,14 @@ def accuracy(n: int = 500, seed: int = 12345, net: AttributeNet | None = None) -
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Train the toy world's attribute classifier.")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--out", default=WEIGHTS)
+    a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("TOYWORLD_THREADS", "1")))
     t = time.time()
-    net = train()
-    save(net)
-    print(f"trained in {time.time() - t:.0f}s; accuracy on fresh images: {accuracy(net=net)}")
+    net = train(steps=a.steps)
+    save(net, a.out)
+    print(f"trained in {time.time() - t:.0f}s; accuracy on 1,000 fresh images: {accuracy(n=1000, net=net)}")
