@@ -26,8 +26,11 @@ clean:
 	rm -rf .venv .comfyui build
 
 .PHONY: toyworld
-# Rebuild the toy world's committed weights on the CPU (classifier, then VAE + UNet + CLIP; ~40 min on 2 idle cores).
+# Rebuild the toy world's committed weights on the CPU: classifier, stage 1 (VAE + UNet/CLIP 4,000 steps),
+# stage 2 (UNet/CLIP 8,000 more steps, cosine decay). About 1.5 h on 2 idle cores (tools/toyworld/README.md).
 toyworld: setup
 	TOYWORLD_THREADS=$${TOYWORLD_THREADS:-1} $(PY) tools/toyworld/classifier.py
-	TOYWORLD_THREADS=$${TOYWORLD_THREADS:-1} $(PY) tools/toyworld/train.py
+	TOYWORLD_THREADS=$${TOYWORLD_THREADS:-2} $(PY) tools/toyworld/train.py --out build/toyworld/stage1.safetensors
+	TOYWORLD_THREADS=$${TOYWORLD_THREADS:-2} $(PY) tools/toyworld/train.py --init-from build/toyworld/stage1.safetensors \
+		--unet-steps 8000 --n-latents 16000
 	TOYWORLD_THREADS=$${TOYWORLD_THREADS:-1} $(PY) tools/toyworld/evaluate.py

@@ -50,14 +50,16 @@ def boot_comfy():
         sys.argv = argv
 
 
-VAE_STEPS = 250
-VAE_BATCH = 12
+VAE_STEPS = 2500  # on 32x32 crops (4x cheaper than full images)
+VAE_BATCH = 16
 CROP = 32
+VAE_FULL_STEPS = 600  # then on full 64x64 images (no crop-border artefacts)
+VAE_FULL_BATCH = 8
 N_LATENTS = 8000
 UNET_STEPS = 4000
 UNET_BATCH = 32
 SNAPSHOT_EVERY = 250
-DEC_STEPS = 600
+DEC_STEPS = 300
 DEC_BATCH = 8
 OFFSET_NOISE = 0.15
 SNR_GAMMA = 5.0
@@ -72,7 +74,8 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255.0)
 
 
-def train_vae(vae, steps, seed):
+def train_vae(vae, steps, full_steps, seed):
+    """TAESD as a plain auto-encoder: ``steps`` on 32x32 crops, then ``full_steps`` on full images."""
     from toyworld import world
 
     t0 = time.time()
@@ -81,16 +84,19 @@ def train_vae(vae, steps, seed):
     params = list(vae.taesd_encoder.parameters()) + list(vae.taesd_decoder.parameters())
     for p in params:
         p.requires_grad_(True)
+    total = steps + full_steps
     opt = torch.optim.Adam(params, lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))))
-    for step in range(steps):
-        imgs = np.stack([world.render(world.random_scene(rng, world.ALL_SHAPES, two_prob=0.35)) for _ in range(VAE_BATCH)])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / max(1, total)))))
+    for step in range(total):
+        crop = CROP if step < steps else 0
+        batch = VAE_BATCH if crop else VAE_FULL_BATCH
+        imgs = np.stack([world.render(world.random_scene(rng, world.ALL_SHAPES, two_prob=0.35)) for _ in range(batch)])
         x = to_tensor(imgs)
-        if CROP:  # the codec is convolutional: 32x32 crops on the 8-pixel grid cost 4x less
-            oy, ox = (int(v) * 8 for v in rng.integers(0, (world.SIZE - CROP) // 8 + 1, 2))
-            x = x[:, :, oy:oy + CROP, ox:ox + CROP]
+        if crop:  # the codec is convolutional: crops on the 8-pixel grid
+            oy, ox = (int(v) * 8 for v in rng.integers(0, (world.SIZE - crop) // 8 + 1, 2))
+            x = x[:, :, oy:oy + crop, ox:ox + crop]
         z = vae.taesd_encoder(x)
-        zn = z + 0.1 * z.detach().std() * torch.randn_like(z)
+        zn = z + 0.05 * z.detach().std() * torch.randn_like(z)
         y = vae.taesd_decoder(zn)
         rec = (y - x).pow(2).mean()
         loss = rec + 1e-4 * z.pow(2).mean()
@@ -98,8 +104,8 @@ def train_vae(vae, steps, seed):
         loss.backward()
         opt.step()
         sched.step()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"vae step {step}/{steps} rec {rec.item():.5f} psnr {-10 * math.log10(max(rec.item(), 1e-10)):.1f} dB ({time.time() - t0:.0f}s)")
+        if step % 100 == 0 or step == total - 1:
+            log(f"vae step {step}/{total} ({'crop' if crop else 'full'}) rec {rec.item():.5f} psnr {-10 * math.log10(max(rec.item(), 1e-10)):.1f} dB ({time.time() - t0:.0f}s)")
     for p in params:
         p.requires_grad_(False)
     return time.time() - t0
@@ -210,7 +216,7 @@ def restore_forward(text):
         layer.__dict__.pop("forward", None)
 
 
-def train_unet(model, clip, scenes, latents, steps, seed, snapshot=None):
+def train_unet(model, clip, scenes, latents, steps, seed, snapshot=None, cosine=False):
     from toyworld import model as toy
     from toyworld import world
 
@@ -227,8 +233,10 @@ def train_unet(model, clip, scenes, latents, steps, seed, snapshot=None):
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     warm = 100
-    # constant after warm-up: a snapshot after k steps equals a run with --unet-steps k
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    if cosine:  # continuation stage: the learning rate decays to zero over the run
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    else:  # constant after warm-up: a snapshot after k steps equals a run with --unet-steps k
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     ac = alphas_cumprod(model)
     snr = ac / (1 - ac)
     n = latents.shape[0]
@@ -280,15 +288,46 @@ def train_unet(model, clip, scenes, latents, steps, seed, snapshot=None):
     return time.time() - t0
 
 
+def checkpoint_steps(path: str) -> int:
+    """UNet steps recorded in a toy checkpoint's metadata."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return int((f.metadata() or {}).get("unet_steps", 0))
+
+
+def load_checkpoint_into(path: str, model, clip, vae) -> None:
+    """Load a toy checkpoint written by :func:`toyworld.model.state_dict_for_checkpoint` into fresh modules (float32)."""
+    from safetensors.torch import load_file
+
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}
+    parts = {"model.diffusion_model.": model.diffusion_model, "first_stage_model.": vae}
+    for prefix, mod in parts.items():
+        missing, unexpected = mod.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=False)
+        if missing or unexpected:
+            raise SystemExit(f"{path}: {prefix} keys do not match the toy model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    text = {"clip_l." + k[len("cond_stage_model."):]: v for k, v in sd.items() if k.startswith("cond_stage_model.")}
+    missing, unexpected = clip.cond_stage_model.load_state_dict(text, strict=False)
+    missing = [k for k in missing if "text_projection" not in k and "logit_scale" not in k]
+    if missing or unexpected:
+        raise SystemExit(f"{path}: text encoder keys do not match the toy model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "weights", "toyworld.safetensors"))
     ap.add_argument("--scale", type=float, default=float(os.environ.get("TOYWORLD_SCALE", "1")))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=None)
+    ap.add_argument("--vae-full-steps", type=int, default=None)
+    ap.add_argument("--vae-checkpoint", default=None,
+                    help="reuse the VAE stage: load the codec from this file if it exists, else train it and write it there")
     ap.add_argument("--unet-steps", type=int, default=None)
     ap.add_argument("--n-latents", type=int, default=None)
     ap.add_argument("--decoder-steps", type=int, default=None)
+    ap.add_argument("--init-from", default=None,
+                    help="continuation stage: start from this toy checkpoint (VAE kept as is, no VAE stage), encode a fresh "
+                         "set of pretraining latents (seed + 20) and train UNet + CLIP with a cosine-decaying learning rate")
     ap.add_argument("--snapshots", default=None, help="path prefix: also write the EMA weights every %d steps" % SNAPSHOT_EVERY)
     args = ap.parse_args()
     threads = int(os.environ.get("TOYWORLD_THREADS", "1"))
@@ -304,10 +343,29 @@ def main():
     log(f"params: unet {sum(p.numel() for p in model.diffusion_model.parameters()):,} "
         f"clip {sum(p.numel() for p in clip.cond_stage_model.parameters()):,} vae {sum(p.numel() for p in vae.parameters()):,}")
     with torch.inference_mode(False):
-        t_vae = train_vae(vae, args.vae_steps or max(2, int(VAE_STEPS * args.scale)), args.seed + 10)
-        mu, sd = calibrate_vae(vae, args.seed + 11)
+        if args.init_from:
+            load_checkpoint_into(args.init_from, model, clip, vae)
+            t_vae = 0.0
+            scale, shift = float(vae.vae_scale), float(vae.vae_shift)
+            sd = scale / 0.18215
+            mu = -shift * scale
+            log(f"continuing from {args.init_from} (unet steps before: {checkpoint_steps(args.init_from)})")
+        else:
+            if args.vae_checkpoint and os.path.isfile(args.vae_checkpoint):
+                from safetensors.torch import load_file
+
+                vae.load_state_dict({k: v.float() for k, v in load_file(args.vae_checkpoint).items()})
+                t_vae = 0.0
+                log(f"VAE loaded from {args.vae_checkpoint}")
+            else:
+                t_vae = train_vae(vae, args.vae_steps if args.vae_steps is not None else max(2, int(VAE_STEPS * args.scale)),
+                                  args.vae_full_steps if args.vae_full_steps is not None else max(1, int(VAE_FULL_STEPS * args.scale)),
+                                  args.seed + 10)
+                if args.vae_checkpoint:
+                    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, args.vae_checkpoint)
+            mu, sd = calibrate_vae(vae, args.seed + 11)
         t = time.time()
-        scenes, lat = encode_dataset(vae, args.n_latents or max(200, int(N_LATENTS * args.scale)), args.seed + 12, mu, sd)
+        scenes, lat = encode_dataset(vae, args.n_latents or max(200, int(N_LATENTS * args.scale)), args.seed + (20 if args.init_from else 12), mu, sd)
         t_enc = time.time() - t
         log(f"encoded {len(scenes)} latents {tuple(lat.shape)} std {lat.std():.3f} in {t_enc:.0f}s")
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -315,7 +373,8 @@ def main():
         def save(path, unet_steps):
             sd_out = toy.state_dict_for_checkpoint(model, clip, vae)
             tmp = path + ".tmp"
-            save_file(sd_out, tmp, metadata={"toyworld": "1", "threads": str(threads), "unet_steps": str(unet_steps),
+            total_steps = unet_steps + (checkpoint_steps(args.init_from) if args.init_from else 0)
+            save_file(sd_out, tmp, metadata={"toyworld": "1", "threads": str(threads), "unet_steps": str(total_steps),
                                               "seed": str(args.seed)})
             os.replace(tmp, path)
             log(f"wrote {path} after {unet_steps} unet steps ({os.path.getsize(path) / 1e6:.1f} MB, {len(sd_out)} tensors)")
@@ -324,8 +383,9 @@ def main():
         if args.snapshots:
             snap = lambda k: save(f"{args.snapshots}.{k:05d}.safetensors", k)  # noqa: E731
         steps = args.unet_steps or max(2, int(UNET_STEPS * args.scale))
-        t_unet = train_unet(model, clip, scenes, lat, steps, args.seed + 13, snapshot=snap)
-        t_dec = refine_decoder(vae, args.decoder_steps if args.decoder_steps is not None else max(2, int(DEC_STEPS * args.scale)), args.seed + 14)
+        t_unet = train_unet(model, clip, scenes, lat, steps, args.seed + (21 if args.init_from else 13), snapshot=snap,
+                            cosine=bool(args.init_from))
+        t_dec = refine_decoder(vae, args.decoder_steps if args.decoder_steps is not None else (0 if args.init_from else max(2, int(DEC_STEPS * args.scale))), args.seed + 14)
     save(args.out, steps)
     log(f"timings: vae {t_vae:.0f}s, encode {t_enc:.0f}s, unet+clip {t_unet:.0f}s, decoder {t_dec:.0f}s, total {time.time() - T:.0f}s")
 
