@@ -1,8 +1,8 @@
 """The paper's single-subject comparison (Sec. 4, Fig. 9(b), Table 1) at toy scale.
 
 On the toy world (tools/toyworld: a 1.08 M-parameter SD1-style UNet that has never seen a
-star), every method learns the held-out star "sks" from the same 4 images
-(``world.concept_images("sks", 4, seed=0)``, yellow stars on 4 backgrounds), the same prompt
+ring or star), every method learns the held-out ring "sks" from the same 4 images
+(``world.concept_images("sks", 4, seed=0)``, yellow rings on 4 backgrounds), the same prompt
 "a sks thing", the same VAE latents, steps, batch size (all 4 images every step) and seed:
 
 * ``svdiff:<subset>``  SVDiff Train (this pack's node, ``SVDiffTrain.execute``) with a UNet
@@ -26,12 +26,12 @@ Metrics, on images sampled through ComfyUI's own CLIPTextEncode / EmptyLatentIma
 KSampler / VAEDecode (same sampler, steps, cfg and fixed seeds for every model) and read by
 the toy world's attribute classifier (tools/toyworld/classifier.py):
 
-* image alignment  = concept accuracy: share of "a sks thing" samples read as a star;
+* image alignment  = concept accuracy: share of "a sks thing" samples read as a ring;
 * text alignment   = share of samples of recontextualised prompts ("a red sks thing",
                      "a sks thing on a blue background", ...) whose every attribute is read
-                     back (``classifier.score``: star AND colour AND background);
+                     back (``classifier.score``: ring AND colour AND background);
   context          = the same samples scored on colour/background only (the shape ignored),
-                     which separates "forgot the context" from "did not learn the star";
+                     which separates "forgot the context" from "did not learn the ring";
 * fit loss         = the Eq. 1 eps loss on the 4 training latents with fixed noise and
                      timesteps (``FIT_TIMESTEPS``): how closely the training images are fitted;
 * prior drift      = on untouched world prompts ("a red circle on a black background", ...):
@@ -74,7 +74,7 @@ import _common  # noqa: E402  (puts tools/ on sys.path, never the repository roo
 DEFAULT_OUT = os.path.join(REPO, "build", "bench_toyworld")
 
 # --- data -------------------------------------------------------------------------------
-TOKEN = "sks"                      # held-out concept: the star
+TOKEN = "sks"                      # held-out concept: the ring (world.HELD_OUT)
 INSTANCE_PROMPT = "a sks thing"
 N_IMAGES = 4
 DATA_SEED = 0
@@ -290,7 +290,7 @@ def evaluate_model(ctx, model, args, base=None) -> dict:
     t0 = time.perf_counter()
     concept = sample(ctx, model, INSTANCE_PROMPT, args.concept_samples, CONCEPT_SEED, args)
     shapes = classifier.predict(concept, net)["shape"]
-    star = [s == world.HELD_OUT[TOKEN] for s in shapes]
+    ring = [s == world.HELD_OUT[TOKEN] for s in shapes]
     rc_imgs, rc_hits, rc_ctx = [], [], []
     for i, p in enumerate(RECONTEXT_PROMPTS):
         imgs = sample(ctx, model, p, args.recontext_per_prompt, RECONTEXT_SEED + i, args)
@@ -309,7 +309,7 @@ def evaluate_model(ctx, model, args, base=None) -> dict:
     fit = T_module().evaluate_denoising_loss(model, ctx["latents"], ctx["cond"][0], seed=FIT_SEED, draws=len(FIT_TIMESTEPS),
                                              timesteps=FIT_TIMESTEPS)
     res = {
-        "concept": sum(star) / len(star), "concept_n": len(star),
+        "concept": sum(ring) / len(ring), "concept_n": len(ring),
         "text": sum(rc_hits) / len(rc_hits), "context": sum(rc_ctx) / len(rc_ctx), "text_n": len(rc_hits),
         "world": sum(w_hits) / len(w_hits), "world_n": len(w_hits),
         "fit_loss": fit,
@@ -418,12 +418,12 @@ def plot(results: list, base: dict, path: str, subtitle: str) -> None:
                 d.line([(L, gy), (L + pw, gy)], fill=(232, 232, 232))
                 d.text((L - 8, gy), f"{v:.2f}", fill="black", font=fs, anchor="rm")
     d.rectangle([L, TOP, L + pw, TOP + ph], outline="black")
-    d.text((L + pw / 2, H - 30), "text alignment (recontextualised prompts: star, colour and background read back)",
+    d.text((L + pw / 2, H - 30), "text alignment (recontextualised prompts: ring, colour and background read back)",
            fill="black", font=f, anchor="ma")
     lab = Image.new("RGB", (ph, 24), "white")  # the y label, rotated: drawn on its own canvas
-    ImageDraw.Draw(lab).text((ph / 2, 12), "image alignment (\"a sks thing\" read as a star)", fill="black", font=f, anchor="mm")
+    ImageDraw.Draw(lab).text((ph / 2, 12), "image alignment (\"a sks thing\" read as a ring)", fill="black", font=f, anchor="mm")
     img.paste(lab.rotate(90, expand=True), (6, TOP))
-    d.text((L, 20), "Fig. 9(b) at toy scale: learning the held-out star from 4 images", fill="black", font=ft)
+    d.text((L, 20), "Fig. 9(b) at toy scale: learning the held-out ring from 4 images", fill="black", font=ft)
     d.text((L, 46), subtitle, fill=(80, 80, 80), font=fs)
 
     groups: dict = {}  # one method/setting swept over learning rates: a thin line in lr order
@@ -565,7 +565,7 @@ def main() -> None:
         cond = [T.encode_prompt(clip, INSTANCE_PROMPT)]  # a CONDITIONING: [[tensor, dict]]
         ctx = {"model": model, "clip": clip, "vae": vae, "raw_latents": raw, "cond": cond, "classifier": net,
                "latents": model.model.process_latent_in(raw)}
-        print(f"checkpoint {ckpt}; {N_IMAGES} images of the held-out star, prompt {INSTANCE_PROMPT!r}; every method: "
+        print(f"checkpoint {ckpt}; {N_IMAGES} images of the held-out ring, prompt {INSTANCE_PROMPT!r}; every method: "
               f"{args.steps} steps, batch {BATCH_SIZE}, seed {TRAIN_SEED}, prior preservation off, UNet only, fp32; "
               f"sampling {SAMPLER}/{SCHEDULER} {args.sample_steps} steps cfg {CFG}; torch threads {torch.get_num_threads()}",
               flush=True)
@@ -599,8 +599,8 @@ def main() -> None:
     print()
     print(table(results, base))
     print()
-    print("image align = share of 'a sks thing' samples read as a star; text align = share of recontextualised samples "
-          "with star + colour + background read back; context = colour/background only; fit loss = eps loss on the 4 "
+    print("image align = share of 'a sks thing' samples read as a ring; text align = share of recontextualised samples "
+          "with ring + colour + background read back; context = colour/background only; fit loss = eps loss on the 4 "
           "training latents (fixed noise, t in %s); world acc = prompt accuracy on untouched world prompts; world = base = "
           "share of those samples the classifier reads exactly as the base model's; pixel drift = mean |image - base image| "
           "on them (0-255, same seeds)." % FIT_TIMESTEPS)

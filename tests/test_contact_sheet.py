@@ -65,4 +65,4 @@ def test_quick_contact_sheet_writes_one_png_of_the_expected_size(comfy, tmp_path
     text = "\n".join(lines)
     for row in ("1.", "2.", "3.", "4a.", "4b.", "5.", "6."):
         assert f"  {row} " in text, text
-    assert "read as star" in text
+    assert "read as ring" in text

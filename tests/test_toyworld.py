@@ -26,14 +26,12 @@ def test_world_is_deterministic_and_holds_out_concepts():
     assert not words & set(world.HELD_OUT), "held-out tokens leak into pretraining captions"
     assert not words & set(world.HELD_OUT.values())
     assert world.parse_prompt("a red circle and a blue sks thing on a gray background") == {
-        "objects": [("circle", "red"), ("star", "blue")], "background": "gray"}
+        "objects": [("circle", "red"), ("ring", "blue")], "background": "gray"}
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9 asks >= 0.95 per attribute; the committed classifier reads shape at "
-                   "0.946 (colour 0.999, background 1.0) on 1,000 fresh images: needs a longer training run")
 def test_classifier_accuracy_on_fresh_images():
     acc = classifier.accuracy(n=300, seed=777)
-    assert all(v >= 0.95 for v in acc.values()), acc
+    assert all(v >= 0.95 for v in acc.values()), acc  # issue 9's bar; measured 1.000 per head on 1,000 images
     # whole-scene scoring (two objects read half by half) agrees with the true captions
     rng = np.random.default_rng(99)
     ok = 0
@@ -82,30 +80,27 @@ def test_weights_load_through_checkpoint_loader(toy_ckpt):
     assert lat.shape == (8, 4, 8, 8)
     rec = vae.decode(lat)
     psnr = -10 * torch.log10((rec - x).pow(2).mean())
-    # trained, though weak (README): an untrained TAESD gives about 4 dB, the committed one about 17 dB
-    assert psnr > 14, f"VAE round trip PSNR {psnr:.1f} dB"
+    # an untrained TAESD gives about 4 dB, the committed one about 30 dB (README)
+    assert psnr > 26, f"VAE round trip PSNR {psnr:.1f} dB"
 
 
-@pytest.mark.xfail(strict=False, reason="quality bar of issue 9 not met yet by the committed (short) pretraining run; "
-                   "see tools/toyworld/README.md for the measured prompt accuracy")
 def test_base_model_follows_prompts_and_lacks_held_out_concept(toy_ckpt):
     from toyworld import evaluate
 
     model, clip, vae = toy_ckpt
-    prompts = ["a red circle on a black background", "a yellow square on a blue background",
-               "a green triangle on a white background", "a purple cross on a gray background",
-               "a blue circle and an orange square on a white background".replace("an orange", "a orange")]
-    acc, hits = evaluate.prompt_accuracy(model, clip, vae, prompts, n=2, seed=0, steps=12, cfg=5.0)
-    assert acc >= 0.6, hits  # README: >= 0.8 on 96 samples at 20 steps; fewer steps and samples here
-    assert evaluate.concept_rate(model, clip, vae, "sks", n=4, seed=0, steps=12) <= 0.25
+    prompts = evaluate.world_prompts(12, seed=1)  # a quarter of them two-object prompts
+    acc, hits = evaluate.prompt_accuracy(model, clip, vae, prompts, n=2, seed=0, steps=15, cfg=5.0)
+    assert acc >= 0.8, hits  # issue 9's bar; README: 0.966 on 88 samples at 20 steps
+    for token in world.HELD_OUT:  # the held-out shapes are not produced before fine-tuning
+        assert evaluate.concept_rate(model, clip, vae, token, n=8, seed=0, steps=15) <= 0.125, token
 
 
-SVDIFF_STEPS = 80
-SVDIFF_LR = 2e-2
+SVDIFF_STEPS = 300
+SVDIFF_LR = 3e-2
 
 
 def test_short_svdiff_run_moves_concept_accuracy_up(toy_ckpt):
-    """SVDiff Train (UNet subset, 4 images of the held-out star, fixed seed) teaches "a sks thing"."""
+    """SVDiff Train (UNet subset, 4 images of the held-out ring, fixed seed) teaches "a sks thing"."""
     from svdiff_testkit.comfy_env import pack_module
 
     from toyworld import evaluate
@@ -122,7 +117,8 @@ def test_short_svdiff_run_moves_concept_accuracy_up(toy_ckpt):
     with torch.inference_mode():
         tuned = pack_module("nodes.train").train(a)[0]
     after = evaluate.concept_rate(tuned, clip, vae, "sks", n=6, seed=5, steps=12)
-    assert after >= before + 0.3, (before, after)  # measured: 0.17 -> 0.50 (6 samples, seed 5)
+    print(f"\"a sks thing\" read as {world.HELD_OUT['sks']}: {before:.2f} -> {after:.2f}")
+    assert after >= before + 0.3, (before, after)  # measured: see tools/toyworld/README.md
 
 
 def test_prior_preservation_keeps_the_model_near_the_base_on_its_world(toy_ckpt):

@@ -4,7 +4,7 @@ Runs inside an already booted ComfyUI (``tools/demo.py`` boots it; so does the t
 and uses the pack's real nodes on the toy checkpoint (loaded by CheckpointLoaderSimple):
 
 1. base model, ``"a sks thing"`` (4 seeds)
-2. the same seeds after SVDiff Train on 4 images of the held-out star (``world.concept_images``)
+2. the same seeds after SVDiff Train on 4 images of the held-out ring (``world.concept_images``)
 3. the trained concept recontextualised (``"a sks thing on a blue background"``, ``"a red sks thing"``, ...)
 4. two concepts, ``"photo of a sks thing and a olis thing"``: one shift trained on both with the
    Cut-Mix Builder (probability 0.6) and unmix_weight > 0, against one shift trained on the
@@ -13,7 +13,7 @@ and uses the pack's real nodes on the toy checkpoint (loaded by CheckpointLoader
 5. single-image editing: one world image, SVDiff Train on it with its caption (no prior),
    DDIM Invert with the caption, Slerp Noise, KSamplerAdvanced (ddim, add_noise disable)
    with edited prompts: source / reconstruction / edits
-6. Combine Shifts mode interpolate between two shifts of the same token (star and ring,
+6. Combine Shifts mode interpolate between two shifts of the same token (ring and star,
    both trained on ``"a sks thing"``) over alpha 0, .25, .5, .75, 1 with one fixed seed
 
 The classifier's reading of every row is printed (and drawn under each row).  Every recipe
@@ -58,8 +58,8 @@ class Recipe:
     cfg: float = 5.0
     seed: int = 5
     # concept shifts (SVDiff Train, UNet subset, no prior: the toy base has no class "thing")
-    train_steps: int = 150
-    train_lr: float = 5e-2
+    train_steps: int = 300
+    train_lr: float = 3e-2
     train_lr_1d: float = 1e-4
     train_batch: int = 4
     train_seed: int = 0
@@ -72,7 +72,7 @@ class Recipe:
     # the Cut-Mix Builder writes its training prompts as "photo of a sks thing and a olis thing" (svdiff/cutmix.py)
     two_prompt: str = "photo of a sks thing and a olis thing"
     two_second_colour: str = "purple"
-    cutmix_steps: int = 200
+    cutmix_steps: int = 400
     cutmix_probability: float = 0.6
     cutmix_layout: str = "left-right"
     unmix_weight: float = 1.0
@@ -88,7 +88,7 @@ class Recipe:
     slerp_alpha: float = 0.3
     edit_cfg: float = 3.0
     edits: tuple = ("background", "colour")  # which attributes the edited prompts change
-    # row 6: interpolation between the star shift and a ring shift trained on the same prompt
+    # row 6: interpolation between the sks shift and a shift of the other held-out shape trained on the same prompt
     alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     interp_seed: int = 5  # = `seed`: the strip continues the first column of rows 1-2
 
@@ -312,7 +312,7 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
     with torch.inference_mode():
         with timed("load"):
             model, clip, vae = load_toy(checkpoint)
-        star, ring = world.HELD_OUT["sks"], world.HELD_OUT["olis"]
+        shape1, shape2 = world.HELD_OUT["sks"], world.HELD_OUT["olis"]
         prompt = "a sks thing"
 
         # 1-2: base vs fine-tuned, same seeds
@@ -320,7 +320,7 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
         shown = f" ({n} of {k} shown)" if k > n else ""
         with timed("sample"):
             base = N.sample(model, clip, vae, prompt, k, r.seed, r)
-        say(Row(f"1. base model, '{prompt}', seed {r.seed}", f"{_shape_count(base, star)}/{k} read as {star}{shown}",
+        say(Row(f"1. base model, '{prompt}', seed {r.seed}", f"{_shape_count(base, shape1)}/{k} read as {shape1}{shown}",
                 list(base[:n]), _shapes(base[:n])))
         with timed("train sks"):
             sks_imgs = _images("sks", r.concept_images, r.concept_colour)
@@ -328,8 +328,8 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
                                            prompt=prompt)
         with timed("sample"):
             tuned = N.sample(sks_model, clip, vae, prompt, k, r.seed, r)
-        say(Row(f"2. after SVDiff Train on {r.concept_images} {r.concept_colour} star images ({r.train_steps} steps, "
-                f"lr {r.train_lr:g}), same seed", f"{_shape_count(tuned, star)}/{k} read as {star}{shown}",
+        say(Row(f"2. after SVDiff Train on {r.concept_images} {r.concept_colour} {shape1} images ({r.train_steps} steps, "
+                f"lr {r.train_lr:g}), same seed", f"{_shape_count(tuned, shape1)}/{k} read as {shape1}{shown}",
                 list(tuned[:n]), _shapes(tuned[:n])))
 
         # 3: recontextualisation
@@ -339,7 +339,7 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
         caps = [" ".join(w for w in p.replace(" background", " bg").split() if w not in ("a", "sks", "thing"))
                 for p in r.recontext]
         say(Row("3. the concept in new contexts (fine-tuned; one sample per prompt)",
-                f"{sum(ok)}/{len(ok)} read exactly as prompted; {_shape_count(torch.stack(rec), star)}/{len(rec)} read as {star}",
+                f"{sum(ok)}/{len(ok)} read exactly as prompted; {_shape_count(torch.stack(rec), shape1)}/{len(rec)} read as {shape1}",
                 rec, [f"{c} {'ok' if o else 'x'}" for c, o in zip(caps, ok)]))
 
         # 4: two concepts
@@ -377,8 +377,8 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
                              f"{r.cutmix_steps} steps)", with_cm),
                             (f"4b. the same prompt and seeds without Cut-Mix-Unmix: {baseline}", without)):
             hits = sum(classifier.score(im, r.two_prompt) for im in imgs)
-            either = sum({star, ring} <= {sh for sh, _ in classifier.read_scene(im, 2)["objects"]} for im in imgs)
-            say(Row(label, f"{hits}/{k} read as {star} (left) and {ring} (right), {either}/{k} show both in either order{shown}",
+            either = sum({shape1, shape2} <= {sh for sh, _ in classifier.read_scene(im, 2)["objects"]} for im in imgs)
+            say(Row(label, f"{hits}/{k} read as {shape1} (left) and {shape2} (right), {either}/{k} show both in either order{shown}",
                     list(imgs[:n]), two_caps(imgs[:n])))
 
         # 5: single-image editing
@@ -414,17 +414,17 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
         for lab, text, _ in edits:
             log(f"      edit {lab}: '{text}'")
 
-        # 6: interpolation between the star shift and a ring shift of the same prompt
-        with timed("train ring"):
-            _, ring_shift = N.train(model, clip, vae, r, r.train_steps, r.train_lr, "ring",
+        # 6: interpolation between the sks shift and a shift of the other held-out shape on the same prompt
+        with timed("train second shape"):
+            _, other_shift = N.train(model, clip, vae, r, r.train_steps, r.train_lr, "second",
                                     images=_images("olis", r.concept_images, r.concept_colour), prompt=prompt)
         strip = []
         with timed("sample"):
             for a in r.alphas:
-                m = N.apply(model, N.combine("interpolate", sks_shift, ring_shift, alpha=float(a)))
+                m = N.apply(model, N.combine("interpolate", sks_shift, other_shift, alpha=float(a)))
                 strip.append(N.sample(m, clip, vae, prompt, 1, r.interp_seed, r)[0])
         shapes = _shapes(torch.stack(strip))
-        say(Row(f"6. Combine Shifts interpolate: alpha*star + (1-alpha)*ring shift, both on '{prompt}', seed {r.interp_seed}",
+        say(Row(f"6. Combine Shifts interpolate: alpha*{shape1} + (1-alpha)*{shape2} shift, both on '{prompt}', seed {r.interp_seed}",
                 "read as: " + ", ".join(f"{a:g}: {s}" for a, s in zip(r.alphas, shapes)),
                 strip, [f"alpha {a:g}: {s}" for a, s in zip(r.alphas, shapes)]))
 

@@ -7,7 +7,7 @@ a seed (``numpy.random.default_rng``).
 Pretraining sees the shapes in :data:`PRETRAIN_SHAPES`.  The shapes in
 :data:`HELD_OUT` never appear in pretraining images; each is named by a rare token of
 the SD1 tokenizer (a single token that the base model has never been trained on), so the
-demo can teach it with SVDiff: ``"a sks thing"`` is a star, ``"a olis thing"`` a ring.
+demo can teach it with SVDiff: ``"a sks thing"`` is a ring, ``"a olis thing"`` a star.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ COLOURS = {
 OBJECT_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 BACKGROUNDS = ["black", "white", "gray", "blue"]
 PRETRAIN_SHAPES = ["circle", "square", "triangle", "cross"]
-HELD_OUT = {"sks": "star", "olis": "ring"}  # rare token -> shape it names
-ALL_SHAPES = PRETRAIN_SHAPES + list(HELD_OUT.values())
+HELD_OUT = {"sks": "ring", "olis": "star"}  # rare token -> shape it names
+# Fixed order: the classifier's shape labels and the VAE's training stream depend on it.
+ALL_SHAPES = PRETRAIN_SHAPES + ["star", "ring"]
 
 
 @dataclass
