@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/toyworld/train.py [--out PATH] [--scale F]
 
-Environment: ``TOYWORLD_THREADS`` (torch threads, default 1: on a shared, busy CPU two threads ran 10x slower than one), ``TOYWORLD_SCALE`` (multiplies
+Environment: ``TOYWORLD_THREADS`` (torch threads, default 1; the committed weights used 2 on a quiet CPU; on a busy CPU two threads ran 10x slower than one), ``TOYWORLD_SCALE`` (multiplies
 every step count; 0.02 gives a one-minute smoke run).  Seeds are fixed; with the same thread
 count and torch build the run is repeatable.  Prints timings per stage.
 
@@ -15,6 +15,10 @@ count and torch build the run is repeatable.  Prints timings per stage.
    offset noise, min-SNR weighting, 10% empty captions (for CFG), on pretraining shapes
    only; EMA weights are saved.
 4. (last) the TAESD decoder refined alone on full images, encoder frozen.
+
+Stage 2 (``--init-from CHECKPOINT``): start from a stage-1 checkpoint, keep its VAE, encode a
+fresh set of latents and train UNet + CLIP further with a cosine-decaying learning rate.
+``make toyworld`` runs both stages (see tools/toyworld/README.md for the settings and timings).
 """
 
 from __future__ import annotations
