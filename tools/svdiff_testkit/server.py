@@ -82,13 +82,35 @@ class ComfyServer:
                     p.send_signal(sig)
                 except ProcessLookupError:
                     break
-                try:
-                    p.wait(wait)
+                if self._wait_waking(wait) if sig == signal.SIGINT else self._wait(wait):
                     break
-                except subprocess.TimeoutExpired:
-                    continue
         self._log.close()
         return p.returncode
+
+    def _wait(self, seconds: float) -> bool:
+        try:
+            self.proc.wait(seconds)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _wait_waking(self, seconds: float) -> bool:
+        """Wait for the exit after Ctrl-C, poking the server once a second.
+
+        Linux hands a process-directed SIGINT to any thread; when a worker thread takes it,
+        Python only raises KeyboardInterrupt once the main thread runs again, and ComfyUI's idle
+        event loop may sleep in epoll until the next request.  A terminal user's next click does
+        the same; here a cheap GET wakes the loop.
+        """
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self._wait(min(1.0, max(0.0, end - time.monotonic()))):
+                return True
+            try:
+                urllib.request.urlopen(self.url + "/", timeout=1).close()
+            except Exception:  # noqa: BLE001  (the server is going down: any failure is fine)
+                pass
+        return self.proc.poll() is not None
 
     def __enter__(self):
         return self.start()
