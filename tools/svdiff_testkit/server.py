@@ -41,6 +41,13 @@ def command(base: str, port: int, extra=()) -> list[str]:
     ]
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C back to its default.  A shell that starts a job in the background
+    (``make test &``, CI runners) sets SIGINT to "ignore", children inherit that, and Python then
+    installs no KeyboardInterrupt handler: ComfyUI would never see the Ctrl-C that ``stop`` sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class ComfyServer:
     """``with ComfyServer(base) as s: s.get_json("/object_info")`` (bounded start and stop)."""
 
@@ -58,7 +65,8 @@ class ComfyServer:
         self._log = open(self.log_path, "w", encoding="utf-8")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(command(self.base, self.port, self.extra), cwd=comfy_env.comfy_path(),
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=_default_sigint)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -82,35 +90,13 @@ class ComfyServer:
                     p.send_signal(sig)
                 except ProcessLookupError:
                     break
-                if self._wait_waking(wait) if sig == signal.SIGINT else self._wait(wait):
+                try:
+                    p.wait(wait)
                     break
+                except subprocess.TimeoutExpired:
+                    continue
         self._log.close()
         return p.returncode
-
-    def _wait(self, seconds: float) -> bool:
-        try:
-            self.proc.wait(seconds)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-
-    def _wait_waking(self, seconds: float) -> bool:
-        """Wait for the exit after Ctrl-C, poking the server once a second.
-
-        Linux hands a process-directed SIGINT to any thread; when a worker thread takes it,
-        Python only raises KeyboardInterrupt once the main thread runs again, and ComfyUI's idle
-        event loop may sleep in epoll until the next request.  A terminal user's next click does
-        the same; here a cheap GET wakes the loop.
-        """
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if self._wait(min(1.0, max(0.0, end - time.monotonic()))):
-                return True
-            try:
-                urllib.request.urlopen(self.url + "/", timeout=1).close()
-            except Exception:  # noqa: BLE001  (the server is going down: any failure is fine)
-                pass
-        return self.proc.poll() is not None
 
     def __enter__(self):
         return self.start()
