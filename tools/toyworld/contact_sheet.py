@@ -141,10 +141,9 @@ class Nodes:
         return self.c.CLIPTextEncode().encode(clip, text)[0]
 
     def sample(self, model, clip, vae, prompt: str, n: int, seed: int, r: Recipe) -> torch.Tensor:
-        pos, neg = self.encode(clip, prompt), self.encode(clip, "")
-        lat = self.c.EmptyLatentImage().generate(world.SIZE, world.SIZE, n)[0]
-        out = self.c.KSampler().sample(model, seed, r.sample_steps, r.cfg, "euler", "normal", pos, neg, lat, denoise=1.0)[0]
-        return self.c.VAEDecode().decode(vae, out)[0]
+        from toyworld import evaluate  # CLIPTextEncode / EmptyLatentImage / KSampler (euler, normal) / VAEDecode
+
+        return evaluate.sample(model, clip, vae, prompt, n=n, seed=seed, steps=r.sample_steps, cfg=r.cfg)
 
     def train(self, model, clip, vae, r: Recipe, steps: int, lr: float, prefix: str, images=None, prompt="",
               training_set=None, unmix_weight=0.0, batch=None):
@@ -237,10 +236,9 @@ def load_toy(checkpoint: str | None):
 
     toy.register()
     if checkpoint:
-        import comfy.sd
+        from toyworld import evaluate
 
-        out = comfy.sd.load_checkpoint_guess_config(os.path.abspath(checkpoint), output_vae=True, output_clip=True)
-        return out[0], out[1], out[2]
+        return evaluate.load_checkpoint(os.path.abspath(checkpoint))
     names = folder_paths.get_filename_list("checkpoints")
     if toy.CHECKPOINT_NAME not in names:
         toy.install_checkpoint(folder_paths.get_folder_paths("checkpoints")[0])
