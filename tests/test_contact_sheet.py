@@ -37,7 +37,7 @@ def _repo_files() -> set:
     """Every file in the working tree but the environments, caches and git's own folder."""
     out = set()
     for dp, ds, fs in os.walk(REPO):
-        ds[:] = [d for d in ds if d not in SKIP_DIRS]
+        ds[:] = [d for d in ds if d not in SKIP_DIRS and not d.startswith((".venv-", ".comfyui-"))]
         out.update(os.path.join(dp, f) for f in fs)
     return out
 

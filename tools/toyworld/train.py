@@ -40,7 +40,9 @@ if os.path.dirname(HERE) not in sys.path:
 
 def boot_comfy():
     """Import ComfyUI's modules (CPU) without starting a server."""
-    cp = os.environ.get("COMFYUI_PATH") or os.path.join(REPO, ".comfyui")
+    from svdiff_testkit.comfy_env import comfy_path
+
+    cp = comfy_path()
     if cp not in sys.path:
         sys.path.insert(0, cp)
     if "comfy.options" not in sys.modules:
