@@ -17,8 +17,6 @@ from typing import Optional
 
 import torch
 
-import comfy.model_management
-import comfy.model_patcher
 import folder_paths
 from comfy.patcher_extension import CallbacksMP
 from comfy.weight_adapter.base import WeightAdapterBase
@@ -26,6 +24,7 @@ from comfy.weight_adapter.base import WeightAdapterBase
 from ..svdiff.decompose import Decomposition, SVDCache, fingerprint
 from ..svdiff.shift import SpectralShift, is_spectral_shape, spectral_residual
 from ..svdiff import shiftfile
+from . import comfy_compat as compat
 from .common import SVDiffNodeError, check_interrupt, compute_device, log, progress
 
 UNET_PREFIX = "diffusion_model."
@@ -150,16 +149,25 @@ class SpectralShiftAdapter(WeightAdapterBase):
 
     name = "svdiff"
 
-    def __init__(self, delta: torch.Tensor, decomposition: Optional[Decomposition], shape: tuple):
-        self.loaded_keys = set()
-        self.delta = delta.detach().float().cpu()
+    def __init__(self, loaded_keys, weights):
+        # ComfyUI's adapter convention, (loaded_keys, weights): 0.33 rebuilds adapters as
+        # type(a)(a.loaded_keys, prefetched(a.weights)) when it prepares low-VRAM patches for a
+        # device; the delta tensor moves, the decomposition and the shape pass through.
+        delta, decomposition, shape = weights
+        self.loaded_keys = set(loaded_keys or ())
+        self.delta = delta.detach().float()
         self.decomposition = decomposition
         self.shape = tuple(shape)
-        self.weights = [self.delta]
+        self.weights = (self.delta, decomposition, self.shape)
         self._cache = _ResidualCache()
 
     @classmethod
-    def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None):
+    def build(cls, delta: torch.Tensor, decomposition: Optional[Decomposition], shape: tuple) -> "SpectralShiftAdapter":
+        """The adapter of one weight: its delta (kept on the CPU), base decomposition and shape."""
+        return cls(set(), (delta.detach().float().cpu(), decomposition, tuple(shape)))
+
+    @classmethod
+    def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None, *args, **kwargs):
         return None  # spectral shifts are not LoRA files; ComfyUI's LoRA loader never builds us
 
     def residual(self, strength: float, device, dtype) -> torch.Tensor:
@@ -176,12 +184,13 @@ class SpectralShiftAdapter(WeightAdapterBase):
         return res
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
-                         intermediate_dtype=torch.float32, original_weights=None):
+                         intermediate_dtype=torch.float32, original_weights=None, *args, **kwargs):
+        # *args/**kwargs: other packs and newer ComfyUI pass further arguments; none change the math.
         if offset is not None:
             log.warning("svdiff: a spectral shift cannot be applied to a slice of %s; skipped", key)
             return weight
-        if strength_model != 1.0:
-            weight *= strength_model
+        # strength_model: comfy.lora.calculate_weight has already scaled the weight by it (both
+        # versions) before handing it to an adapter; scaling again would square it.
         if tuple(weight.shape) != self.shape:
             log.warning("svdiff: %s has shape %s, the shift expects %s; skipped", key, tuple(weight.shape), self.shape)
             return weight
@@ -203,15 +212,8 @@ class SpectralShiftAdapter(WeightAdapterBase):
 # Model introspection
 # --------------------------------------------------------------------------------------
 def base_weight(patcher, key: str) -> torch.Tensor:
-    """The unpatched weight of ``key``: the backup while a clone is patched, else the module's."""
-    bk = patcher.backup.get(key) if hasattr(patcher, "backup") else None
-    if bk is not None:
-        return bk.weight
-    hbk = getattr(patcher, "hook_backup", {}).get(key)
-    if hbk is not None:
-        return hbk[0]
-    weight, _, _ = comfy.model_patcher.get_key_weight(patcher.model, key)
-    return weight
+    """The unpatched weight of ``key`` (see ``comfy_compat.base_weight``)."""
+    return compat.base_weight(patcher, key)
 
 
 def shiftable_shapes(patcher, prefix: Optional[str] = None) -> dict:
@@ -264,9 +266,9 @@ def build_adapters(patcher, shift: SpectralShift, keys, node: str, device=None):
         fps[k] = fp
         if is_spectral_shape(shape):
             dec = cache.get(w, device=device, fp=fp)
-            patches[k] = SpectralShiftAdapter(shift.deltas[k], dec, shape)
+            patches[k] = SpectralShiftAdapter.build(shift.deltas[k], dec, shape)
         else:
-            patches[k] = SpectralShiftAdapter(shift.deltas[k], None, shape)
+            patches[k] = SpectralShiftAdapter.build(shift.deltas[k], None, shape)
         pbar.update(1)
     return patches, fps
 
@@ -288,23 +290,15 @@ def merge_shifted_lowvram_weights(patcher, device_to, lowvram_model_memory, forc
     """
     if full_load or force_patch_weights or os.environ.get("SVDIFF_LOWVRAM_MERGE", "1") in ("0", "false", "off", "no"):
         return 0
+    if compat.is_dynamic(patcher):
+        return 0  # dynamic VRAM (0.33) streams and patches weights itself; there is no LowVramPatch to merge
     merged = 0
     for name, m in patcher.model.named_modules():
-        wf = getattr(m, "weight_function", None)
-        if not wf:
+        if not getattr(m, "weight_function", None):
             continue
         key = f"{name}.weight"
-        if not any(isinstance(p[1], SpectralShiftAdapter) for p in patcher.patches.get(key, [])):
-            continue
-        lowvram = [f for f in wf if isinstance(f, comfy.model_patcher.LowVramPatch) and getattr(f, "key", key) == key]
-        if not lowvram:
-            continue
-        patcher.patch_weight_to_device(key)  # on the weight's own (offload) device, with backup
-        for f in lowvram:
-            wf.remove(f)
-        merged += len(lowvram)
-    if merged:
-        patcher.model.lowvram_patch_counter -= merged
+        if any(isinstance(p[1], SpectralShiftAdapter) for p in compat.key_patches(patcher, key)):
+            merged += compat.merge_lowvram_weight(patcher, m, key)
     return merged
 
 
@@ -338,7 +332,7 @@ def patch_with_shift(patcher, shift: SpectralShift, strength: float, node: str, 
         log.warning("[%s] %s", node, msg)
     clone = patcher.clone()
     added = clone.add_patches(patches, strength)
-    if LOWVRAM_MERGE_KEY not in clone.callbacks.get(CallbacksMP.ON_LOAD, {}):
+    if not compat.has_callback(clone, CallbacksMP.ON_LOAD, LOWVRAM_MERGE_KEY):
         clone.add_callback_with_key(CallbacksMP.ON_LOAD, LOWVRAM_MERGE_KEY, merge_shifted_lowvram_weights)
     if len(added) != len(patches):
         raise SVDiffNodeError(node, f"ComfyUI accepted only {len(added)} of {len(patches)} patches")

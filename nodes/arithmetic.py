@@ -17,6 +17,7 @@ from ..svdiff import inspect as I
 from ..svdiff import shiftfile
 from ..svdiff.shift import SpectralShift
 from ..svdiff.subsets import LAYER_PRESET_NAMES
+from . import comfy_compat as compat
 from . import interchange as X
 from .adapter import architecture_of
 from .common import CATEGORY, SpectralShiftType, SVDiffNodeError, log
@@ -295,7 +296,7 @@ def save_lora_numbered(node: str, sd: dict, metadata: dict, folder: str, filenam
 
     data = save(sd, metadata={k: str(v) for k, v in metadata.items()})
     path = save_numbered(node, data, folder, filename_prefix)
-    getattr(folder_paths, "filename_list_cache", {}).pop("loras", None)
+    compat.forget_file_list("loras")
     return path
 
 

@@ -24,9 +24,8 @@ from typing import Optional
 
 import torch
 
-import comfy.ldm.modules.attention as comfy_attention
-
 from ..svdiff.attention import token_positions as _find_positions
+from . import comfy_compat as compat
 
 _BLOCK_RE = [
     (re.compile(r"^input_blocks\.(\d+)\.\d+\.transformer_blocks\.(\d+)\.attn2$"), "input"),
@@ -103,16 +102,12 @@ class AttentionCapture:
 
     def _patch(self, block):
         def attn2_replace(q, k, v, extra_options):
-            heads = extra_options["n_heads"]
-            shape = extra_options.get("activations_shape")
-            hw = (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) == 4 else None
+            heads = compat.attention_heads(extra_options)
+            hw = compat.attention_map_size(extra_options)
             if hw is not None:
                 self.seen.add(min(hw))
             if not self.enabled or not self._wanted(hw):
-                return comfy_attention.optimized_attention(
-                    q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                    transformer_options=extra_options,
-                )
+                return compat.default_attention(q, k, v, extra_options)
             b, n, inner = q.shape
             d = inner // heads
             qh = q.reshape(b, n, heads, d).transpose(1, 2)
@@ -133,14 +128,6 @@ class AttentionCapture:
 # --------------------------------------------------------------------------------------
 # Token positions with the CLIP's own tokenizer
 # --------------------------------------------------------------------------------------
-def _sd_tokenizer(clip):
-    """The SD1-style tokenizer (``SDTokenizer``) inside a ComfyUI CLIP, and its key."""
-    tok = clip.tokenizer
-    name = getattr(tok, "clip", None)
-    inner = getattr(tok, name, None) if name else None
-    return inner, getattr(tok, "clip_name", "l")
-
-
 def token_positions(clip, prompt: str, word: str) -> list:
     """Positions of ``word``'s tokens in the token sequence ``clip`` encodes ``prompt`` into.
 
@@ -156,11 +143,9 @@ def token_positions(clip, prompt: str, word: str) -> list:
     ids = [int(t[0]) if not isinstance(t[0], torch.Tensor) else -1 for chunk in toks[key] for t in chunk]
     wtoks = clip.tokenize(word, return_word_ids=True)[key]
     word_ids = [int(t[0]) for chunk in wtoks for t in chunk if len(t) > 2 and t[2] != 0]
-    inner, _ = _sd_tokenizer(clip)
     is_end = None
-    hf = getattr(inner, "tokenizer", None)
-    if hf is not None and hasattr(hf, "convert_ids_to_tokens"):
-        start = getattr(inner, "start_token", None)
+    hf, start = compat.clip_word_tokenizer(clip)
+    if hf is not None:
 
         def is_end(i, _hf=hf, _start=start):
             if i == _start or i < 0:

@@ -10,6 +10,8 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
+from . import comfy_compat as compat
+
 log = logging.getLogger("svdiff")
 
 SHIFT_FOLDER = "svdiff"
@@ -32,14 +34,7 @@ class SVDiffNodeError(ValueError):
 
 def register_shift_folder() -> None:
     """Register models/svdiff for .safetensors, keeping paths added by extra_model_paths.yaml."""
-    default = os.path.join(folder_paths.models_dir, SHIFT_FOLDER)
-    paths, exts = folder_paths.folder_names_and_paths.get(SHIFT_FOLDER, ([], set()))
-    paths = list(paths)
-    if default not in paths:
-        paths.append(default)
-    folder_paths.folder_names_and_paths[SHIFT_FOLDER] = (paths, {".safetensors"})
-    # refresh the listing cache so new files show without a restart
-    getattr(folder_paths, "filename_list_cache", {}).pop(SHIFT_FOLDER, None)
+    compat.register_model_folder(SHIFT_FOLDER, os.path.join(folder_paths.models_dir, SHIFT_FOLDER), {".safetensors"})
 
 
 def shift_files() -> list:

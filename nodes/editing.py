@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import torch
 
-import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 from comfy_api.latest import io
 
 from ..svdiff import inversion
+from . import comfy_compat as compat
 from .common import CATEGORY, SVDiffNodeError, check_interrupt, log, progress
 
 INVERT = "DDIM Invert"
 SAMPLER = "DDIM Sampler (η)"
 SLERP = "Slerp Noise"
 
-_OK_DENOISED = (
-    comfy.model_sampling.EPS.calculate_denoised,
-    comfy.model_sampling.V_PREDICTION.calculate_denoised,
-    comfy.model_sampling.EDM.calculate_denoised,
-)
 _KIND_NAMES = {
     "CONST": "flow matching (CONST)",
     "COSMOS_RFLOW": "rectified flow (COSMOS_RFLOW)",
@@ -37,13 +32,9 @@ _KIND_NAMES = {
 
 def sampling_kind_error(model_sampling) -> str | None:
     """None for an eps-/v-prediction model (VE noise x0 + sigma*n), else what it is instead."""
-    cls = type(model_sampling)
-    if (
-        getattr(cls, "calculate_denoised", None) in _OK_DENOISED
-        and getattr(cls, "noise_scaling", None) is comfy.model_sampling.EPS.noise_scaling
-        and getattr(cls, "inverse_noise_scaling", None) is comfy.model_sampling.EPS.inverse_noise_scaling
-    ):
+    if compat.is_ve_eps_or_v(model_sampling):
         return None
+    cls = type(model_sampling)
     for c in cls.__mro__:
         if c.__name__ in _KIND_NAMES:
             return _KIND_NAMES[c.__name__]

@@ -16,13 +16,10 @@ import re
 
 import torch
 
-import comfy.lora
-import comfy.sd
-import comfy.utils
-
 from ..svdiff import interchange as core
 from ..svdiff import shiftfile
 from ..svdiff.shift import SpectralShift, is_spectral_shape
+from . import comfy_compat as compat
 from .adapter import UNET_PREFIX, architecture_of, base_weight, shiftable_shapes, svd_cache
 from .common import check_interrupt, compute_device, log, progress
 
@@ -37,7 +34,7 @@ def unet_key_map(model) -> dict:
     """diffusers module name (``down_blocks.0.attentions.0.…to_k``) -> ComfyUI weight key."""
     cfg = getattr(model.model.model_config, "unet_config", {}) or {}
     out = {}
-    for dk, ck in comfy.utils.unet_to_diffusers(cfg).items():
+    for dk, ck in compat.diffusers_unet_key_map(cfg).items():
         if dk.endswith(".weight"):
             out[dk[: -len(".weight")]] = UNET_PREFIX + ck
     return out
@@ -151,8 +148,8 @@ def shift_to_pytorch_layout(shift: SpectralShift, model=None, clip=None) -> tupl
 # --------------------------------------------------------------------------------------
 def _new_patches(old, new) -> dict:
     out = {}
-    for k, lst in new.patches.items():
-        n_old = len(old.patches.get(k, [])) if old is not None else 0
+    for k, lst in compat.all_key_patches(new).items():
+        n_old = len(compat.key_patches(old, k)) if old is not None else 0
         if len(lst) > n_old:
             out[k] = lst[n_old:]
     return out
@@ -165,7 +162,7 @@ def weight_deltas_from_lora(model, clip, lora_sd: dict, strength: float = 1.0) -
     keys etc. a spectral shift cannot carry]}.  Any adapter ComfyUI loads (LoRA, LoCon,
     LoHa, LoKr, OFT, DoRA, full diffs) works, since its own ``calculate_weight`` is used.
     """
-    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora_sd, strength, strength)
+    new_model, new_clip = compat.apply_lora(model, clip, lora_sd, strength)
     pairs = []
     if model is not None:
         pairs.append((model, _new_patches(model, new_model)))
@@ -180,7 +177,7 @@ def weight_deltas_from_lora(model, clip, lora_sd: dict, strength: float = 1.0) -
                 continue
             check_interrupt()
             w = base_weight(patcher, key).detach().to("cpu", torch.float32)
-            w2 = comfy.lora.calculate_weight(plist, w.clone(), key, intermediate_dtype=torch.float32)
+            w2 = compat.patched_weight(plist, w.clone(), key)
             out.append((patcher, key, (w2.float() - w)))
     return out, {"keys": len(out), "ignored": ignored}
 
@@ -258,11 +255,9 @@ def shift_to_lora(shift: SpectralShift, model=None, clip=None, rank: int = 0) ->
     Returns (state dict, report) with report = {weights, skipped: [keys], relative_error
     (Frobenius, over all weights), max_error, rank}.
     """
-    unet_names, te_names = {}, {}
-    if model is not None:
-        unet_names = _preferred_lora_names(comfy.lora.model_lora_keys_unet(model.model, {}), True)
-    if clip is not None:
-        te_names = _preferred_lora_names(comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}), False)
+    unet_map, te_map = compat.lora_key_maps(model, clip)
+    unet_names = _preferred_lora_names(unet_map, True) if model is not None else {}
+    te_names = _preferred_lora_names(te_map, False) if clip is not None else {}
     cache = svd_cache()
     device = compute_device()
     entries, skipped, stats = {}, [], {}

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 import comfy.model_management as mm
-import comfy.ops
 import comfy.sample
 import comfy.utils
 import folder_paths
@@ -38,6 +37,7 @@ from ..svdiff import losses, training
 from ..svdiff.cutmix import CutMixTrainingSet, Subject, single_prompt, stack_masks
 from ..svdiff.shift import SpectralShift, delta_length, is_spectral_shape
 from ..svdiff.subsets import SUBSET_NAMES, select
+from . import comfy_compat as compat
 from .adapter import (UNET_PREFIX, architecture_of, base_weight, combined_fingerprint, shiftable_shapes, svd_cache,
                       weight_fingerprint)
 from .attention_capture import AttentionCapture, token_positions
@@ -60,14 +60,7 @@ def err(field: str, msg: str) -> SVDiffNodeError:
 # ---------------------------------------------------------------------------------------
 def _weight_bias(mod, x):
     """The layer's weight and bias as ComfyUI would use them (casts, low-VRAM patches), no copy."""
-    if getattr(mod, "comfy_cast_weights", False) or getattr(mod, "weight_function", None) or getattr(mod, "bias_function", None):
-        return comfy.ops.cast_bias_weight(mod, x)
-    w, b = mod.weight, mod.bias
-    if w is not None and (w.dtype != x.dtype or w.device != x.device):
-        w = w.to(x.device, x.dtype)
-    if b is not None and (b.dtype != x.dtype or b.device != x.device):
-        b = b.to(x.device, x.dtype)
-    return w, b
+    return compat.layer_weight_bias(mod, x)
 
 
 def _geometry(mod) -> L.ConvGeometry:
@@ -144,6 +137,11 @@ class TrainInjection:
                 self.saved.append((mod, mod.__dict__.get("forward")))
 
                 def ckpt(*args, _inner=inner, **kwargs):
+                    # dict arguments (transformer_options) are copied: ComfyUI updates them in place
+                    # as it walks the blocks ("block", "block_index"), and the recomputation in the
+                    # backward pass must see the values this block was called with, not the last ones
+                    args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+                    kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
                     return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
                 mod.forward = ckpt
@@ -294,7 +292,7 @@ _PRIOR_CACHE_MAX = 8
 @torch.no_grad()
 def generate_priors(model, positive, negative, count: int, resolution: int, seed: int, steps: int, cfg: float, key_extra) -> torch.Tensor:
     """num_prior_images latents of the class prompt from the base model (ComfyUI's sampler), cached."""
-    key = (id(model.model), str(model.patches_uuid), key_extra, int(count), int(resolution), int(seed), int(steps), float(cfg))
+    key = (id(model.model), compat.patches_version(model), key_extra, int(count), int(resolution), int(seed), int(steps), float(cfg))
     hit = _PRIOR_CACHE.get(key)
     if hit is not None:
         _PRIOR_CACHE.move_to_end(key)
@@ -321,15 +319,7 @@ def generate_priors(model, positive, negative, count: int, resolution: int, seed
 
 def model_kwargs(patcher, entry, x: torch.Tensor) -> dict:
     """apply_model keyword arguments (c_crossattn, y, ...) for one conditioning entry, batch of x."""
-    t, opts = entry
-    device = x.device
-    skip = {"pooled_output"} if False else set()
-    kw = {k: v for k, v in opts.items() if k not in skip}
-    conds = patcher.model.extra_conds(cross_attn=t, noise=x, device=device, **kw)
-    out = {}
-    for k, c in conds.items():
-        out[k] = c.process_cond(batch_size=x.shape[0], device=device).cond
-    return out
+    return compat.model_condition_kwargs(patcher, entry, x)
 
 
 def concat_kwargs(parts: list) -> Optional[dict]:
@@ -346,16 +336,11 @@ def concat_kwargs(parts: list) -> Optional[dict]:
 
 
 def prediction_target(patcher) -> tuple[str, float]:
-    import comfy.model_sampling as ms_mod
-
     ms = patcher.get_model_object("model_sampling")
     sd = float(getattr(ms, "sigma_data", 1.0))
-    if isinstance(ms, ms_mod.CONST):
-        return "flow", sd
-    if isinstance(ms, ms_mod.V_PREDICTION):
-        return "v", sd
-    if isinstance(ms, ms_mod.EPS) and not isinstance(ms, ms_mod.X0):
-        return "eps", sd
+    kind = compat.prediction_kind(ms)
+    if kind in ("eps", "v", "flow"):
+        return kind, sd
     raise err("model", f"prediction type {type(ms).__name__} is not supported (eps, v and flow models are)")
 
 
@@ -390,13 +375,7 @@ def evaluate_denoising_loss(patcher, latents: torch.Tensor, entry, seed: int = 1
 
 def _unload(patcher) -> None:
     """Unload a training clone: ComfyUI ejects the injection and restores the weights."""
-    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-        lm = mm.current_loaded_models[i]
-        if lm.model is patcher:
-            mm.current_loaded_models.pop(i)
-            lm.model_unload()
-            return
-    patcher.detach()
+    compat.unload_patcher(patcher)
 
 
 # ---------------------------------------------------------------------------------------
@@ -771,7 +750,7 @@ def train(node_inputs: dict) -> tuple:
             raise err("subset", f"the subset {subset} selects no weight of this model")
         force_route = a.get("side_path") if a.get("side_path") in L.ROUTES else None
 
-        mp = model.clone()
+        mp = compat.training_clone(model)
         tdt = training_dtype(a.get("training_dtype", "auto"), mp.load_device)
         if tdt != mp.model.get_dtype():
             mp.set_model_compute_dtype(tdt)
@@ -793,7 +772,7 @@ def train(node_inputs: dict) -> tuple:
         te = None
         clip_t = None
         if train_te:
-            clip_t = clip.clone()
+            clip_t = compat.training_clone(clip)
             cshapes = shiftable_shapes(clip_t.patcher)
             ckeys = [k for k in cshapes if ".encoder." in k or "final_layer_norm" in k]
             te = Trainable(clip_t.patcher, ckeys, rank, clip_t.patcher.load_device, force_route, "", clone_norm_input=True)

@@ -1,0 +1,383 @@
+"""Every use of ComfyUI internals beyond its public extension points, in one place.
+
+The pack supports ComfyUI 0.3.75 and 0.33.x.  Each function below is one touch point: what
+the pack needs from ComfyUI's internals, handled for both versions by feature detection
+(attributes, signatures), never by comparing version numbers.  Its docstring names the
+ComfyUI change it absorbs.  ``tests/test_comfy_compat.py`` has a test per touch point that
+runs on every supported version.
+
+Public extension points (``ModelPatcher.clone/add_patches/set_injections``, callbacks,
+attention patches, samplers and guiders, weight adapters, ``folder_paths`` functions,
+``comfy_api.latest``) are used directly by the node modules; nothing else in ``nodes/``
+reaches into ComfyUI's internals.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.lora
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.ops
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+
+# --------------------------------------------------------------------------------------
+# Model management
+# --------------------------------------------------------------------------------------
+def unload_patcher(patcher) -> bool:
+    """Unload ``patcher`` if ComfyUI holds it loaded (ejecting injections, restoring weights).
+
+    Touches ``model_management.current_loaded_models`` and ``LoadedModel.model_unload``: both
+    versions keep the list and the method (0.33 adds dynamic-VRAM bookkeeping inside it), and
+    ``LoadedModel.model`` is a weak reference that may already be dead.  Returns whether a
+    loaded entry was found; otherwise the patcher is just detached.
+    """
+    loaded = mm.current_loaded_models
+    for i in range(len(loaded) - 1, -1, -1):
+        lm = loaded[i]
+        if lm.model is patcher:
+            loaded.pop(i)
+            lm.model_unload()
+            return True
+    patcher.detach()
+    return False
+
+
+def training_clone(patcher):
+    """A clone to train on: an ordinary (non-dynamic) patcher.
+
+    0.33 loads models for dynamic VRAM (comfy-aimdo) on GPUs by default: ``is_dynamic()`` is
+    True and layers cast their weights into reused buffers, which a backward pass cannot rely
+    on.  Its ``clone(disable_dynamic=True)`` rebuilds an ordinary patcher on the same weights.
+    0.3.75 has neither, and its plain clone is what to train on.  Works for a CLIP as well.
+    """
+    if is_dynamic(getattr(patcher, "patcher", patcher)):
+        try:
+            takes = "disable_dynamic" in inspect.signature(patcher.clone).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
+            return patcher.clone(disable_dynamic=True)
+    return patcher.clone()
+
+
+def is_loaded(patcher) -> bool:
+    """Whether ComfyUI's model manager currently holds ``patcher`` loaded."""
+    return any(lm.model is patcher for lm in mm.current_loaded_models)
+
+
+# --------------------------------------------------------------------------------------
+# ModelPatcher state
+# --------------------------------------------------------------------------------------
+def base_weight(patcher, key: str) -> torch.Tensor:
+    """The unpatched weight of ``key``: the backup while a clone is patched, else the module's.
+
+    Touches ``ModelPatcher.backup`` (a dict of ``(weight, inplace_update)`` named tuples in
+    both versions; 0.33's dynamic-VRAM patchers may not fill it), ``hook_backup`` (tuples
+    whose first item is the weight) and ``comfy.model_patcher.get_key_weight`` (same
+    three-tuple in both).
+    """
+    bk = getattr(patcher, "backup", {}).get(key)
+    if bk is not None:
+        return bk.weight if hasattr(bk, "weight") else bk[0]
+    hbk = getattr(patcher, "hook_backup", {}).get(key)
+    if hbk is not None:
+        return hbk[0]
+    weight, _, _ = comfy.model_patcher.get_key_weight(patcher.model, key)
+    return weight
+
+
+def key_patches(patcher, key: str) -> list:
+    """The patch tuples ``(strength_patch, value, strength_model, offset, function)`` on ``key``.
+
+    Touches ``ModelPatcher.patches`` (same dict of lists in both versions).
+    """
+    return list(patcher.patches.get(key, []))
+
+
+def all_key_patches(patcher) -> dict:
+    """``{key: [patch tuples]}`` of every patched key (``ModelPatcher.patches``)."""
+    return {k: list(v) for k, v in patcher.patches.items()}
+
+
+def patches_version(patcher) -> str:
+    """A value that changes whenever the patcher's patches change (``patches_uuid``)."""
+    return str(getattr(patcher, "patches_uuid", id(patcher.patches)))
+
+
+def has_callback(patcher, call_type: str, key: str) -> bool:
+    """Whether a callback was added under ``key`` (``ModelPatcher.callbacks``: a dict of dicts
+    keyed by call type, then by the key given to ``add_callback_with_key``, in both versions)."""
+    return key in getattr(patcher, "callbacks", {}).get(call_type, {})
+
+
+def is_dynamic(patcher) -> bool:
+    """Whether the patcher streams weights through dynamic VRAM (comfy-aimdo).
+
+    0.33 adds ``ModelPatcher.is_dynamic()`` (a ``ModelPatcherDynamic`` returns True, and then
+    loads, patches and unpatches weights on the fly, never through ``backup``); 0.3.75 has
+    no such mode.
+    """
+    fn = getattr(patcher, "is_dynamic", None)
+    return bool(fn()) if callable(fn) else False
+
+
+def lowvram_patches(module, key: str) -> list:
+    """The ``LowVramPatch`` objects ComfyUI put in ``module.weight_function`` for ``key``.
+
+    In both versions a module that did not fit gets ``weight_function = [LowVramPatch(key,
+    patches, ...)]`` and its patches are recomputed on every forward; 0.33's ``__call__``
+    applies patches prepared (prefetched) for the device instead of the patcher's list.
+    """
+    wf = getattr(module, "weight_function", None) or []
+    cls = comfy.model_patcher.LowVramPatch
+    return [f for f in wf if isinstance(f, cls) and getattr(f, "key", key) == key]
+
+
+def merge_lowvram_weight(patcher, module, key: str) -> int:
+    """Patch ``key`` once where its weight lives, instead of on every forward.
+
+    What ComfyUI itself does for ``force_patch_weights``: ``patch_weight_to_device(key)``
+    keeps the original in ``backup`` (restored by ``unpatch_model``) and writes the patched
+    weight; the ``LowVramPatch`` wrappers are then removed and ``lowvram_patch_counter``
+    lowered (0.3.75 keeps the counter on the model; 0.33 too, and reads it through a
+    patcher method of the same name).  Returns how many wrappers were removed.
+    """
+    found = lowvram_patches(module, key)
+    if not found:
+        return 0
+    patcher.patch_weight_to_device(key)
+    for f in found:
+        module.weight_function.remove(f)
+    patcher.model.lowvram_patch_counter -= len(found)
+    return len(found)
+
+
+# --------------------------------------------------------------------------------------
+# Casting layers (comfy.ops)
+# --------------------------------------------------------------------------------------
+def layer_weight_bias(mod, x: torch.Tensor):
+    """A layer's weight and bias as ComfyUI's own forward would use them, without a copy when
+    no cast is needed.
+
+    Touches ``comfy.ops.cast_bias_weight`` and the ``comfy_cast_weights`` / ``weight_function``
+    / ``bias_function`` attributes of ComfyUI's layers.  0.33 adds keyword arguments
+    (``compute_dtype``, ``want_requant``) and, with ``offloadable=True``, an explicit uncast;
+    the default (``offloadable=False``) call is the same in both.
+    """
+    if getattr(mod, "comfy_cast_weights", False) or getattr(mod, "weight_function", None) or getattr(mod, "bias_function", None):
+        out = comfy.ops.cast_bias_weight(mod, x)
+        return out[0], out[1]
+    w, b = mod.weight, mod.bias
+    if w is not None and (w.dtype != x.dtype or w.device != x.device):
+        w = w.to(x.device, x.dtype)
+    if b is not None and (b.dtype != x.dtype or b.device != x.device):
+        b = b.to(x.device, x.dtype)
+    return w, b
+
+
+# --------------------------------------------------------------------------------------
+# Conditioning
+# --------------------------------------------------------------------------------------
+def model_condition_kwargs(patcher, entry, x: torch.Tensor) -> dict:
+    """``apply_model`` keyword arguments (``c_crossattn``, ``y``, ...) for one conditioning
+    entry ``[tensor, options]`` at the batch size of ``x``.
+
+    Touches ``BaseModel.extra_conds`` and ``CONDRegular.process_cond`` (same keywords in both
+    versions; 0.33 adds conditioning types whose ``process_cond`` takes further keywords).
+    """
+    t, opts = entry
+    conds = patcher.model.extra_conds(cross_attn=t, noise=x, device=x.device, **opts)
+    return {k: c.process_cond(batch_size=x.shape[0], device=x.device).cond for k, c in conds.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Cross-attention
+# --------------------------------------------------------------------------------------
+_ATTN_TAKES_OPTIONS: Optional[bool] = None
+
+
+def default_attention(q, k, v, extra_options: dict) -> torch.Tensor:
+    """ComfyUI's own optimised attention for an attn2 replacement that does not capture.
+
+    Touches ``comfy.ldm.modules.attention.optimized_attention`` (a module global chosen at
+    start-up, so it is looked up at call time) and the ``extra_options`` keys ``n_heads`` and
+    ``attn_precision``; ``transformer_options`` is passed when the function accepts it (both
+    versions take ``**kwargs``).
+    """
+    global _ATTN_TAKES_OPTIONS
+    fn = comfy_attention.optimized_attention
+    kw = {"attn_precision": extra_options.get("attn_precision")}
+    if _ATTN_TAKES_OPTIONS is None:
+        try:
+            params = inspect.signature(fn).parameters
+            _ATTN_TAKES_OPTIONS = "transformer_options" in params or any(
+                p.kind is p.VAR_KEYWORD for p in params.values())
+        except (TypeError, ValueError):
+            _ATTN_TAKES_OPTIONS = False
+    if _ATTN_TAKES_OPTIONS:
+        kw["transformer_options"] = extra_options
+    return fn(q, k, v, extra_options["n_heads"], **kw)
+
+
+def attention_heads(extra_options: dict) -> int:
+    """Number of heads an attn2 replacement is called with (``extra_options["n_heads"]``)."""
+    return int(extra_options["n_heads"])
+
+
+def attention_map_size(extra_options: dict) -> Optional[tuple]:
+    """(H, W) of the latent an attn2 replacement runs on, or None when not given.
+
+    ``extra_options["activations_shape"]`` (the ``[B, C, H, W]`` of the spatial transformer's
+    input) in both versions; ``original_shape`` is the fallback.
+    """
+    shape = extra_options.get("activations_shape")
+    if shape is None:
+        shape = extra_options.get("original_shape")
+    if shape is not None and len(shape) == 4:
+        return int(shape[-2]), int(shape[-1])
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------
+def clip_word_tokenizer(clip, key: Optional[str] = None):
+    """(the Hugging Face tokenizer, the start-token id) behind a CLIP's ``key`` tokenizer.
+
+    Touches ``SD1Tokenizer.clip`` (the attribute name of the inner ``SDTokenizer``),
+    ``SDTokenizer.tokenizer`` and ``start_token``: the same in both versions.  For
+    multi-encoder tokenizers (SDXL's ``clip_l``/``clip_g``) ``key`` names the part.
+    Returns (None, None) when the CLIP has no such tokenizer.
+    """
+    tok = clip.tokenizer
+    if key is not None and hasattr(tok, f"clip_{key}"):
+        inner = getattr(tok, f"clip_{key}")
+    else:
+        name = getattr(tok, "clip", None)
+        inner = getattr(tok, name, None) if isinstance(name, str) else None
+    hf = getattr(inner, "tokenizer", None)
+    if hf is None or not hasattr(hf, "convert_ids_to_tokens"):
+        return None, None
+    return hf, getattr(inner, "start_token", None)
+
+
+# --------------------------------------------------------------------------------------
+# Folder listings
+# --------------------------------------------------------------------------------------
+def register_model_folder(name: str, default_path: str, extensions: set) -> None:
+    """A ``models/<name>`` folder type for ``extensions``, keeping paths users added for it in
+    ``extra_model_paths.yaml``, its listing refreshed.
+
+    Touches ``folder_paths.folder_names_and_paths`` (``{name: (paths, extensions)}`` in both
+    versions).  ``add_model_folder_path`` would leave the extension set empty (any file).
+    """
+    paths, _exts = folder_paths.folder_names_and_paths.get(name, ([], set()))
+    paths = list(paths)
+    if default_path not in paths:
+        paths.append(default_path)
+    folder_paths.folder_names_and_paths[name] = (paths, set(extensions))
+    forget_file_list(name)
+
+
+def forget_file_list(folder: str) -> None:
+    """Make the next ``folder_paths.get_filename_list(folder)`` re-read the disk.
+
+    Touches ``folder_paths.filename_list_cache`` (a module dict in both versions; the
+    per-request ``cache_helper`` is only active inside a request and cleared after it).
+    """
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop(folder, None)
+
+
+# --------------------------------------------------------------------------------------
+# Model sampling
+# --------------------------------------------------------------------------------------
+def prediction_kind(model_sampling) -> str:
+    """What the model predicts: "eps", "v", "flow", "x0" or the class name.
+
+    Touches the classes of ``comfy.model_sampling`` (``EPS``, ``V_PREDICTION``, ``CONST``,
+    ``X0``; same hierarchy in both versions).  0.33 adds ``IMG_TO_IMG_FLOW(CONST)``, whose
+    model output is the result itself: a CONST subclass counts as flow matching only while it
+    keeps CONST's ``calculate_denoised`` and ``noise_scaling``.
+    """
+    ms = comfy.model_sampling
+    if isinstance(model_sampling, ms.CONST):
+        cls = type(model_sampling)
+        if cls.calculate_denoised is ms.CONST.calculate_denoised and cls.noise_scaling is ms.CONST.noise_scaling:
+            return "flow"
+        return cls.__name__
+    if isinstance(model_sampling, ms.V_PREDICTION):
+        return "v"
+    if isinstance(model_sampling, ms.X0):
+        return "x0"
+    if isinstance(model_sampling, ms.EPS):
+        return "eps"
+    return type(model_sampling).__name__
+
+
+def _denoised_methods():
+    ms = comfy.model_sampling
+    return tuple(getattr(ms, n).calculate_denoised for n in ("EPS", "V_PREDICTION", "EDM") if hasattr(ms, n))
+
+
+def is_ve_eps_or_v(model_sampling) -> bool:
+    """Whether the model uses variance-exploding noise x0 + σ·n and predicts ε or v.
+
+    Compares method identities (``calculate_denoised``, ``noise_scaling``,
+    ``inverse_noise_scaling`` of ``EPS``/``V_PREDICTION``/``EDM``): a subclass that keeps
+    them behaves the same, one that overrides any of them (flow, x0, LCM, ...) does not.
+    """
+    cls = type(model_sampling)
+    eps = comfy.model_sampling.EPS
+    return (getattr(cls, "calculate_denoised", None) in _denoised_methods()
+            and getattr(cls, "noise_scaling", None) is eps.noise_scaling
+            and getattr(cls, "inverse_noise_scaling", None) is eps.inverse_noise_scaling)
+
+
+# --------------------------------------------------------------------------------------
+# LoRA machinery
+# --------------------------------------------------------------------------------------
+def lora_key_maps(model, clip) -> tuple[dict, dict]:
+    """(UNet, text-encoder) maps from LoRA key names to ComfyUI weight keys.
+
+    Touches ``comfy.lora.model_lora_keys_unet`` / ``model_lora_keys_clip`` (same signature in
+    both versions).  Either argument may be None.
+    """
+    unet = comfy.lora.model_lora_keys_unet(model.model, {}) if model is not None else {}
+    te = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
+    return unet, te
+
+
+def patched_weight(patches: list, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """``weight`` with ``patches`` applied by ComfyUI's own LoRA math, in float32.
+
+    Touches ``comfy.lora.calculate_weight(patches, weight, key, intermediate_dtype=...)``
+    (same in both versions; 0.33 additionally computes GPU patches in ``lora_compute_dtype``
+    inside the patcher, which does not concern a CPU float32 call).
+    """
+    return comfy.lora.calculate_weight(patches, weight, key, intermediate_dtype=torch.float32)
+
+
+def apply_lora(model, clip, lora_sd: dict, strength: float):
+    """Clones of ``model`` and ``clip`` with a LoRA state dict applied as ``LoraLoader`` does.
+
+    Touches ``comfy.sd.load_lora_for_models`` (same five arguments in both versions).
+    """
+    return comfy.sd.load_lora_for_models(model, clip, lora_sd, strength, strength)
+
+
+def diffusers_unet_key_map(unet_config: dict) -> dict:
+    """diffusers UNet parameter names -> ComfyUI names (``comfy.utils.unet_to_diffusers``; same
+    in both versions for SD1.x/SD2.x/SDXL configurations)."""
+    return comfy.utils.unet_to_diffusers(unet_config)

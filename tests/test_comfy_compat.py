@@ -1,0 +1,302 @@
+"""One test per touch point of ``nodes/comfy_compat.py``, run on every supported ComfyUI.
+
+Each test exercises the real ComfyUI internal the shim wraps (tiny SD1-style model, CPU)
+and checks the behaviour the pack relies on, so a ComfyUI release that changes one of them
+fails here, by name, before it fails somewhere inside a node.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from svdiff_testkit import comfy_env
+
+KEY = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+@pytest.fixture()
+def compat(comfy):
+    return comfy_env.pack_module("nodes.comfy_compat")
+
+
+def _diff_patched_clone(mp, key=KEY, value=0.25):
+    m2 = mp.clone()
+    w = mp.model.state_dict()[key]
+    assert m2.add_patches({key: ("diff", (torch.full_like(w, value),))}, 1.0) == [key]
+    return m2, w.detach().clone()
+
+
+def test_version_under_test_is_reported(comfy):
+    v = comfy_env.comfy_version(comfy["comfy_path"])
+    assert v != "unknown"
+    print(f"[compat] ComfyUI under test: {v} at {comfy['comfy_path']}")
+
+
+def test_unload_patcher_restores_weights_and_forgets_the_model(compat, tiny):
+    import comfy.model_management as mm
+
+    mp, _ = tiny
+    m2, w0 = _diff_patched_clone(mp)
+    mm.load_models_gpu([m2], force_full_load=True)
+    assert compat.is_loaded(m2)
+    assert torch.allclose(m2.model.state_dict()[KEY], w0 + 0.25)
+    assert compat.unload_patcher(m2) is True
+    assert not compat.is_loaded(m2)
+    assert torch.equal(mp.model.state_dict()[KEY], w0)
+    assert compat.unload_patcher(m2) is False  # not loaded any more: only detached
+
+
+def test_base_weight_is_the_unpatched_weight_while_a_clone_is_loaded(compat, tiny):
+    import comfy.model_management as mm
+
+    mp, _ = tiny
+    m2, w0 = _diff_patched_clone(mp)
+    assert torch.equal(compat.base_weight(m2, KEY), w0)  # nothing loaded yet: the module's own
+    mm.load_models_gpu([m2], force_full_load=True)
+    try:
+        assert not torch.equal(m2.model.state_dict()[KEY], w0)
+        assert torch.equal(compat.base_weight(m2, KEY), w0)
+        assert torch.equal(compat.base_weight(mp, KEY), w0)  # the backup is shared by clones
+    finally:
+        compat.unload_patcher(m2)
+
+
+def test_patch_lists_version_and_callbacks(compat, tiny):
+    from comfy.patcher_extension import CallbacksMP
+
+    mp, _ = tiny
+    before = compat.patches_version(mp)
+    m2, _ = _diff_patched_clone(mp)
+    assert compat.patches_version(m2) != before
+    assert [p[1][0] for p in compat.key_patches(m2, KEY)] == ["diff"]
+    assert compat.key_patches(mp, KEY) == []
+    assert list(compat.all_key_patches(m2)) == [KEY]
+    assert not compat.has_callback(m2, CallbacksMP.ON_LOAD, "svdiff_compat_test")
+    m2.add_callback_with_key(CallbacksMP.ON_LOAD, "svdiff_compat_test", lambda *a: None)
+    assert compat.has_callback(m2, CallbacksMP.ON_LOAD, "svdiff_compat_test")
+    assert not compat.has_callback(mp, CallbacksMP.ON_LOAD, "svdiff_compat_test")
+
+
+def test_plain_patchers_are_not_dynamic(compat, tiny):
+    mp, _ = tiny
+    assert compat.is_dynamic(mp) is False
+
+    class Dyn:
+        def is_dynamic(self):
+            return True
+
+    assert compat.is_dynamic(Dyn()) is True
+
+
+def test_lowvram_patches_are_found_and_merged_once(compat, tiny):
+    mp, _ = tiny
+    m2, w0 = _diff_patched_clone(mp)
+    m2.load(torch.device("cpu"), lowvram_model_memory=1, force_patch_weights=False, full_load=False)
+    try:
+        name = KEY[: -len(".weight")]
+        mod = dict(m2.model.named_modules())[name]
+        found = compat.lowvram_patches(mod, KEY)
+        assert len(found) == 1, "ComfyUI left no per-forward patch on a module that did not fit"
+        counter = m2.model.lowvram_patch_counter
+        assert compat.merge_lowvram_weight(m2, mod, KEY) == 1
+        assert compat.lowvram_patches(mod, KEY) == []
+        assert m2.model.lowvram_patch_counter == counter - 1
+        assert torch.allclose(mod.weight, w0 + 0.25)
+    finally:
+        m2.unpatch_model()
+    assert torch.equal(mp.model.state_dict()[KEY], w0)
+
+
+def test_layer_weight_bias_casts_like_comfyui_and_never_copies_plain_layers(compat):
+    import comfy.ops
+
+    plain = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    w, b = compat.layer_weight_bias(plain, x)
+    assert w is plain.weight and b is plain.bias
+    cast = comfy.ops.manual_cast.Linear(4, 3, dtype=torch.float16)
+    with torch.no_grad():
+        cast.weight.copy_(torch.randn(3, 4))
+        cast.bias.copy_(torch.randn(3))
+    w, b = compat.layer_weight_bias(cast, x)
+    assert w.dtype == torch.float32 and b.dtype == torch.float32
+    assert torch.equal(w, cast.weight.float()) and torch.equal(b, cast.bias.float())
+
+
+def test_model_condition_kwargs_build_the_cross_attention_input(compat, tiny):
+    mp, _ = tiny
+    ctx = torch.randn(1, 77, 32)
+    x = torch.zeros(3, 4, 8, 8)
+    kw = compat.model_condition_kwargs(mp, [ctx, {}], x)
+    assert set(kw) >= {"c_crossattn"}
+    assert kw["c_crossattn"].shape == (3, 77, 32)
+    assert torch.equal(kw["c_crossattn"][2], ctx[0])
+
+
+def test_default_attention_and_extra_options(compat):
+    import comfy.ldm.modules.attention as at
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 8, generator=g) for _ in range(3))
+    opts = {"n_heads": 2, "attn_precision": None, "activations_shape": [2, 8, 4, 4]}
+    ref = at.attention_basic(q, k, v, 2)
+    assert torch.allclose(compat.default_attention(q, k, v, opts), ref, atol=1e-5)
+    assert compat.attention_heads(opts) == 2
+    assert compat.attention_map_size(opts) == (4, 4)
+    assert compat.attention_map_size({"n_heads": 2}) is None
+
+
+def test_attn2_replacement_sees_the_options_the_capture_reads(compat, tiny):
+    """The attn2 replacement hook is still called with n_heads and the block's activation shape."""
+    import comfy.model_management as mm
+
+    mp, _ = tiny
+    m2 = mp.clone()
+    seen = []
+
+    def patch(q, k, v, extra_options):
+        seen.append((compat.attention_heads(extra_options), compat.attention_map_size(extra_options)))
+        return compat.default_attention(q, k, v, extra_options)
+
+    m2.set_model_attn2_replace(patch, "input", 1, 0)
+    mm.load_models_gpu([m2], force_full_load=True)
+    with torch.no_grad():
+        m2.model.apply_model(torch.randn(1, 4, 16, 16), torch.tensor([5.0]), c_crossattn=torch.randn(1, 77, 32),
+                             transformer_options=m2.model_options["transformer_options"])
+    assert seen == [(2, (16, 16))]
+
+
+def test_clip_word_tokenizer_reads_bpe_word_ends(compat, tiny):
+    _, clip = tiny
+    hf, start = compat.clip_word_tokenizer(clip)
+    assert hf is not None and start == 49406
+    ids = hf("a sks dog", add_special_tokens=False)["input_ids"]
+    toks = hf.convert_ids_to_tokens(ids)
+    assert toks and all(isinstance(t, str) for t in toks) and toks[-1] == "dog</w>"
+
+
+def test_model_folder_registration_and_listing_refresh(compat, comfy, tmp_path):
+    import folder_paths
+
+    d = tmp_path / "svdiff_compat_folder"
+    d.mkdir()
+    (d / "a.safetensors").write_bytes(b"x")
+    (d / "ignored.txt").write_bytes(b"x")
+    compat.register_model_folder("svdiff_compat_test", str(d), {".safetensors"})
+    compat.register_model_folder("svdiff_compat_test", str(d), {".safetensors"})  # idempotent
+    assert folder_paths.get_folder_paths("svdiff_compat_test") == [str(d)]
+    assert folder_paths.get_filename_list("svdiff_compat_test") == ["a.safetensors"]
+    (d / "b.safetensors").write_bytes(b"x")
+    os.utime(d, (1, 1))  # same folder mtime as far as the listing cache can tell
+    compat.forget_file_list("svdiff_compat_test")
+    assert folder_paths.get_filename_list("svdiff_compat_test") == ["a.safetensors", "b.safetensors"]
+
+
+def test_prediction_kinds_and_ve_test_by_method_identity(compat):
+    import comfy.model_sampling as ms
+
+    def make(kind):
+        class M(ms.ModelSamplingDiscrete, kind):
+            pass
+
+        return M()
+
+    assert compat.prediction_kind(make(ms.EPS)) == "eps"
+    assert compat.prediction_kind(make(ms.V_PREDICTION)) == "v"
+
+    class Flow(ms.ModelSamplingDiscreteFlow, ms.CONST):
+        pass
+
+    assert compat.prediction_kind(Flow()) == "flow"
+    assert compat.is_ve_eps_or_v(make(ms.EPS)) and compat.is_ve_eps_or_v(make(ms.V_PREDICTION))
+    assert not compat.is_ve_eps_or_v(Flow())
+    if hasattr(ms, "X0"):
+        assert compat.prediction_kind(make(ms.X0)) == "x0"
+        assert not compat.is_ve_eps_or_v(make(ms.X0))
+
+
+def test_lora_key_maps_apply_and_patched_weight_agree(compat, tiny):
+    mp, clip = tiny
+    unet_map, te_map = compat.lora_key_maps(mp, clip)
+    name = next(n for n, k in unet_map.items() if k == KEY and n.startswith("lora_unet_"))
+    assert any(k.startswith("clip_l.") for k in te_map.values())
+    w = mp.model.state_dict()[KEY].float()
+    g = torch.Generator().manual_seed(1)
+    up, down = torch.randn(w.shape[0], 2, generator=g), torch.randn(2, w.shape[1], generator=g)
+    sd = {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down}
+    m2, _ = compat.apply_lora(mp, None, sd, 0.5)
+    plist = compat.key_patches(m2, KEY)
+    assert len(plist) == 1
+    got = compat.patched_weight(plist, w.clone(), KEY)
+    assert torch.allclose(got, w + 0.5 * up @ down, atol=1e-5)
+
+
+def test_diffusers_unet_key_map_covers_attention_weights(compat, tiny):
+    mp, _ = tiny
+    m = compat.diffusers_unet_key_map(mp.model.model_config.unet_config)
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight" in m
+    assert m["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"] == KEY[len("diffusion_model."):]
+
+
+def test_shift_adapter_follows_comfyui_adapter_conventions(comfy, tiny):
+    """SpectralShiftAdapter is rebuilt as type(a)(a.loaded_keys, a.weights) (0.33 does so when it
+    prefetches low-VRAM patches) and accepts extra calculate_weight arguments."""
+    import comfy.lora
+
+    adapter_mod = comfy_env.pack_module("nodes.adapter")
+    import svdiff.decompose as D
+
+    mp, _ = tiny
+    w = mp.model.state_dict()[KEY].detach().float().clone()
+    dec = D.decompose(w, algorithm="svd", storage_dtype=torch.float32)
+    a = adapter_mod.SpectralShiftAdapter.build(torch.linspace(-0.2, 0.3, dec.rank), dec, tuple(w.shape))
+    b = type(a)(a.loaded_keys, a.weights)
+    ref = a.calculate_weight(w.clone(), KEY, 1.0, 1.0, None, None)
+    assert torch.equal(b.calculate_weight(w.clone(), KEY, 1.0, 1.0, None, None, torch.float32, None, "extra", flag=True), ref)
+    prefetch = getattr(comfy.lora, "prefetch_prepared_value", None)
+    if prefetch is not None:  # 0.33's low-VRAM preparation path
+        c = prefetch(a, [0], None, None, False)
+        assert isinstance(c, type(a)) and torch.equal(c.calculate_weight(w.clone(), KEY, 1.0, 1.0, None, None), ref)
+    assert torch.equal(comfy.lora.calculate_weight([(1.0, a, 1.0, None, None)], w.clone(), KEY), ref)
+
+
+def test_training_clone_is_an_ordinary_clone_and_asks_dynamic_patchers_for_one(compat, tiny):
+    mp, clip = tiny
+    m2 = compat.training_clone(mp)
+    assert m2 is not mp and m2.model is mp.model and not compat.is_dynamic(m2)
+    c2 = compat.training_clone(clip)
+    assert c2 is not clip and c2.patcher.model is clip.patcher.model
+
+    class Dynamic:
+        """0.33's ModelPatcherDynamic as far as training_clone can tell."""
+
+        def __init__(self):
+            self.calls = []
+
+        def is_dynamic(self):
+            return True
+
+        def clone(self, disable_dynamic=False):
+            self.calls.append(disable_dynamic)
+            return "ordinary" if disable_dynamic else "dynamic"
+
+    d = Dynamic()
+    assert compat.training_clone(d) == "ordinary" and d.calls == [True]
+
+
+def test_shift_adapter_leaves_strength_model_to_comfyui(comfy, tiny):
+    """comfy.lora.calculate_weight scales the weight by strength_model before it calls an
+    adapter: the adapter must not scale it again."""
+    import comfy.lora
+    import svdiff.decompose as D
+
+    adapter_mod = comfy_env.pack_module("nodes.adapter")
+    mp, _ = tiny
+    w = mp.model.state_dict()[KEY].detach().float().clone()
+    dec = D.decompose(w, algorithm="svd", storage_dtype=torch.float32)
+    zero = adapter_mod.SpectralShiftAdapter.build(torch.zeros(dec.rank), dec, tuple(w.shape))
+    got = comfy.lora.calculate_weight([(1.0, zero, 0.5, None, None)], w.clone(), KEY)
+    assert torch.allclose(got, 0.5 * w, atol=1e-6)
