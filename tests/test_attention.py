@@ -224,6 +224,7 @@ class SpectralDelta(torch.nn.Module):
 
 def unmix_grad(mp, capture, checkpointing: bool, key: str):
     import comfy.model_management as mm
+    from svdiff_testkit.comfy_env import pack_module
 
     m2 = mp.clone()
     capture.install(m2)
@@ -232,22 +233,26 @@ def unmix_grad(mp, capture, checkpointing: bool, key: str):
         m2.add_weight_wrapper(key, wrap)
         mm.load_models_gpu([m2], force_full_load=True)
         unet = m2.model.diffusion_model
-        saved = {}
-        if checkpointing:
-            # what TrainLoraNode does: every top-level block under non-reentrant checkpointing
-            for blk in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks):
-                saved[blk] = blk.forward
-                blk.forward = (lambda f: (lambda *a, **k: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False, **k)))(blk.forward)
+        # SVDiff Train's own checkpointing: every outermost layer (ResBlock, SpatialTransformer,
+        # ...) under non-reentrant torch.utils.checkpoint.  (Wrapping TimestepEmbedSequential
+        # would checkpoint nothing: ComfyUI's UNet calls its layers one by one.)
+        inj = pack_module("nodes.train").TrainInjection([], [unet] if checkpointing else [])
+        inj.inject(m2)
+        assert (len(inj.saved) > 0) == checkpointing
         try:
             x, ctx = inputs(1, 16, seed=3)
             capture.clear()
             forward(m2, x, ctx)
             masks = lr_masks(1, 16, 16)
             loss = A.unmix_loss(capture.maps(), [[5], [8]], masks)
+            if not loss.requires_grad:
+                # No captured map depends on anything trainable: ComfyUI 0.33 builds base weights
+                # without requires_grad (0.3.75 leaves them as trainable Parameters, so there the
+                # loss still has a graph), and then no gradient reaches delta at all.
+                return loss.detach(), None
             loss.backward()
         finally:
-            for blk, f in saved.items():
-                blk.forward = f
+            inj.eject(m2)
             m2.unpatch_model()
     return loss.detach(), wrap.delta.grad
 

@@ -53,12 +53,29 @@ _REASON = _why_no_browser()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
+def provide_workflow_files(base: str) -> None:
+    """The files the bundled workflows name, as a user who followed the README has them: the
+    SD1.5 checkpoint name (here the demo checkpoint under that name) and the shift files
+    workflow 01 writes (random shifts for the demo checkpoint).  Frontend 1.49.6 (ComfyUI
+    0.33) marks a node whose file widget names a missing file as broken; 1.32.9 does not."""
+    ckdir = os.path.join(base, "models", "checkpoints")
+    demo = os.path.join(ckdir, demo_model.demo_checkpoint_name())
+    link = os.path.join(ckdir, demo_model.WORKFLOW_CKPT)
+    if not os.path.lexists(link):
+        os.symlink(demo, link)
+    names = sorted({v for p in WORKFLOWS for n in W.load(p)["nodes"] if n["type"] == "SVDiffLoadShift"
+                    for v in n.get("widgets_values") or [] if isinstance(v, str) and v.endswith(".safetensors")})
+    for i, name in enumerate(names):
+        demo_model.write_random_shift(demo, os.path.join(base, "models", "svdiff", name), seed=10 + i)
+
+
 @pytest.fixture(scope="module")
 def editor(comfy):
     from playwright.sync_api import sync_playwright
 
     srv = ComfyServer(tempfile.mkdtemp(prefix="svdiff-browser-"), start_timeout=120)
     srv.start()
+    provide_workflow_files(srv.base)
     # a returning user: no first-run templates dialog
     srv.post_json("/settings/Comfy.TutorialCompleted", True)
     srv.post_json("/settings/Comfy.Minimap.Visible", False)  # cleaner screenshots

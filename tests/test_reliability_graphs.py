@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from svdiff_testkit import demo_model
+from svdiff_testkit import comfy_env, demo_model
 from svdiff_testkit.probes import fingerprint_outputs
 from svdiff_testkit import workflow as W
 
@@ -48,7 +48,7 @@ def env(comfy):
         deltas = {k: torch.randn(delta_length(s), generator=g) * 0.3 for k, s in allshapes.items()}
         shiftfile.save_shift(SpectralShift(deltas, allshapes, {"architecture": adapter.architecture_of(mp)}), os.path.join(d, name), overwrite=True)
     getattr(folder_paths, "filename_list_cache", {}).pop("svdiff", None)
-    ex = execution.PromptExecutor(FakeServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    ex = comfy_env.new_executor()
     return {"info": info, "ckpt": info["checkpoint_name"], "executor": ex, "defs": W.object_info(), "counter": [0]}
 
 
@@ -63,10 +63,7 @@ def run(env, prompt):
 
 
 def checkpoint_objects(env):
-    entry = env["executor"].caches.outputs.get(CKPT_NODE)
-    assert entry is not None, "the checkpoint loader's outputs are not cached"
-    outs = entry.outputs
-    return outs[0][0], outs[1][0]
+    return comfy_env.cached_checkpoint(env["executor"], CKPT_NODE)
 
 
 def base_prompt(ckpt):
@@ -205,7 +202,7 @@ def test_two_prompts_with_different_shifts_never_see_each_others_patches(env):
     # a fresh process-like executor (nothing cached) agrees with the shared one
     for tag, name in (("A", SHIFTS[0]), ("B", SHIFTS[1])):
         p, out = with_shift(env, name, f"fresh{tag}")
-        fresh = execution.PromptExecutor(FakeServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+        fresh = comfy_env.new_executor()
         ex, outputs = run_prompt(p, prompt_id=f"fresh{tag}", executor=fresh)
         assert ex.success
         assert torch.equal(read_latent(outputs, out), results[tag][0])
@@ -223,7 +220,7 @@ def test_two_prompts_with_different_shifts_never_see_each_others_patches(env):
     base = base_prompt(env["ckpt"])
     out0 = sampling_branch(base, [CKPT_NODE, 0], [CKPT_NODE, 1], "base_after")
     outputs, _ = run(env, base)
-    fresh = execution.PromptExecutor(FakeServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    fresh = comfy_env.new_executor()
     base2 = base_prompt(env["ckpt"])
     out1 = sampling_branch(base2, [CKPT_NODE, 0], [CKPT_NODE, 1], "base_fresh")
     ex, outputs2 = run_prompt(base2, prompt_id="base_fresh", executor=fresh)

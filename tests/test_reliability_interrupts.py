@@ -20,7 +20,7 @@ import random
 import pytest
 import torch
 
-from svdiff_testkit import demo_model
+from svdiff_testkit import comfy_env, demo_model
 from svdiff_testkit.probes import fingerprint_outputs
 from svdiff_testkit import workflow as W
 
@@ -28,9 +28,7 @@ CKPT_NODE = "2"  # the checkpoint loader's id in the bundled workflows
 
 
 def checkpoint_objects(env):
-    entry = env["executor"].caches.outputs.get(CKPT_NODE)
-    assert entry is not None, "the checkpoint loader's outputs are not cached"
-    return entry.outputs[0][0], entry.outputs[1][0]
+    return comfy_env.cached_checkpoint(env["executor"], CKPT_NODE)
 
 
 def rss_mb() -> float:
@@ -87,7 +85,7 @@ def env(comfy):
     keep[train]["inputs"].update(steps=TRAIN_STEPS, num_prior_images=PRIORS, prior_steps=PRIOR_STEPS, resolution=64,
                                  save_every=2, filename_prefix="reliability_int/ckpt")
     keep[save]["inputs"]["filename_prefix"] = "reliability_int/final"
-    ex = execution.PromptExecutor(FakeServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    ex = comfy_env.new_executor()
     hook = Interrupter()
     old = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(hook)

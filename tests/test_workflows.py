@@ -13,7 +13,7 @@ import json
 import os
 
 import pytest
-from svdiff_testkit import demo_model
+from svdiff_testkit import comfy_env, demo_model
 from svdiff_testkit import workflow as W
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +92,11 @@ def test_committed_workflow_matches_generator(path, defs):
     spec.loader.exec_module(mw)
     gens = {name: fn for name, _, fn in mw.WORKFLOWS}
     name = os.path.basename(path)
+    made_with = W.load(path).get("extra", {}).get("svdiff", {}).get("generated_with_comfyui")
+    running = comfy_env.comfy_version()
+    if made_with != running:
+        pytest.skip(f"{name} was generated against ComfyUI {made_with} (its core node definitions lay out the widgets); "
+                    f"this run is ComfyUI {running}, where the other tests load, validate, convert and run it instead")
     assert name in gens, f"{name} is not produced by tools/make_workflows.py"
     assert json.loads(json.dumps(gens[name](defs))) == W.load(path)
 

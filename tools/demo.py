@@ -81,7 +81,7 @@ def run(name: str, prompt: dict, label: str) -> dict:
 
         comfy.utils.set_progress_bar_global_hook(hook)
         srv = ProgressServer(bar, titles)
-        ex = execution.PromptExecutor(srv, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+        ex = comfy_env.new_executor(srv)
         import asyncio
 
         ok, err, outs, node_errors = asyncio.run(execution.validate_prompt(name, prompt, None))[:4]

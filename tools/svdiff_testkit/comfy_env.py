@@ -8,17 +8,37 @@ import logging
 import os
 import sys
 import importlib.util
+import inspect
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK_DIR_NAME = "ComfyUI-SVDiff"
 _STATE: dict = {}
 
 
+def default_tree(version: str | None = None) -> str:
+    """Where tools/provision.sh puts a ComfyUI version: .comfyui (0.3.75) or .comfyui-<version>."""
+    version = version or os.environ.get("SVDIFF_COMFYUI") or "0.3.75"
+    return os.path.join(REPO, ".comfyui" if version == "0.3.75" else f".comfyui-{version}")
+
+
 def comfy_path() -> str:
-    p = os.environ.get("COMFYUI_PATH") or os.path.join(REPO, ".comfyui")
+    p = os.environ.get("COMFYUI_PATH") or default_tree()
     if not os.path.isfile(os.path.join(p, "main.py")):
         raise RuntimeError(f"no ComfyUI at {p}: run tools/provision.sh (make test does) or set COMFYUI_PATH")
     return os.path.abspath(p)
+
+
+def comfy_version(path: str | None = None) -> str:
+    """The version of the ComfyUI tree at ``path`` (default: the one the harness uses), read
+    from its ``comfyui_version.py``; "unknown" when it has none."""
+    import re
+
+    try:
+        with open(os.path.join(path or comfy_path(), "comfyui_version.py"), encoding="utf-8") as f:
+            m = re.search(r'__version__\s*=\s*"([^"]+)"', f.read())
+    except OSError:
+        return "unknown"
+    return m.group(1) if m else "unknown"
 
 
 def prepare_base_dir(base: str) -> str:
@@ -145,6 +165,39 @@ class FakeServer:
         pass
 
 
+def new_executor(server=None):
+    """ComfyUI's ``PromptExecutor`` with the classic cache, as the tests and the demo use it.
+
+    ``cache_args`` carries every key either supported version reads: 0.33 also reads
+    ``ram_inactive`` (a KeyError without it); 0.3.75 ignores it.
+    """
+    import execution
+
+    return execution.PromptExecutor(server or FakeServer(), cache_type=execution.CacheType.CLASSIC,
+                                    cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+
+
+def cached_outputs(executor, node_id: str):
+    """The outputs a node left in the executor's output cache (a list per output), or None.
+
+    0.3.75's cache ``get`` is synchronous; 0.33's is a coroutine, with ``get_local`` as the
+    synchronous read.
+    """
+    cache = executor.caches.outputs
+    getter = getattr(cache, "get_local", None) or cache.get
+    entry = getter(node_id)
+    if inspect.isawaitable(entry):
+        entry = asyncio.run(entry)
+    return None if entry is None else entry.outputs
+
+
+def cached_checkpoint(executor, node_id: str) -> tuple:
+    """(MODEL, CLIP) a checkpoint loader left in the executor's cache."""
+    outs = cached_outputs(executor, node_id)
+    assert outs is not None, "the checkpoint loader's outputs are not cached"
+    return outs[0][0], outs[1][0]
+
+
 def run_prompt(prompt: dict, prompt_id: str = "1", executor=None):
     """Validate and execute an API-format prompt; returns (executor, history outputs).
 
@@ -157,6 +210,6 @@ def run_prompt(prompt: dict, prompt_id: str = "1", executor=None):
     if not ok:
         raise AssertionError(f"prompt invalid: {err} {node_errors}")
     if executor is None:
-        executor = execution.PromptExecutor(FakeServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+        executor = new_executor()
     executor.execute(prompt, prompt_id, {}, outputs)
     return executor, executor.history_result.get("outputs", {}) if executor.history_result else {}

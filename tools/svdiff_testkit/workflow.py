@@ -27,6 +27,8 @@ import copy
 import json
 import os
 
+from . import comfy_env
+
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 UPLOAD_FLAGS = ("image_upload", "animated_image_upload", "video_upload", "audio_upload")
@@ -588,6 +590,8 @@ class WorkflowBuilder:
             "links": self.links,
             "groups": [],
             "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]},
+                      # the core node definitions the widgets were laid out from
+                      "svdiff": {"generated_with_comfyui": comfy_env.comfy_version()}},
             "version": 0.4,
         }

@@ -81,7 +81,8 @@ def classes():
         required_keys = {"first_stage_model.taesd_decoder.1.weight"}
 
         @classmethod
-        def matches(cls, unet_config, state_dict=None):
+        def matches(cls, unet_config, state_dict=None, **kwargs):
+            # ComfyUI 0.33 also passes unet_key_prefix=...; 0.3.75 does not.  Neither matters here.
             for k, v in cls.unet_config.items():
                 got = unet_config.get(k, "missing")
                 if isinstance(v, list):
