@@ -1,0 +1,192 @@
+"""The trainable side of SVDiff Train: injected layer forwards and the delta parameters.
+
+A module injection (``ModelPatcher.set_injections``) replaces the forward of every Linear /
+Conv2d / GroupNorm / LayerNorm on the gradient path while the training clone is loaded;
+ComfyUI ejects it on unpatch.  Frozen layers compute dx from the frozen weight without
+copying it; trained layers add their spectral shift by the cheaper of the two routes
+(``svdiff.layers.choose_route``).  No base weight is ever written, copied or given a gradient.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import comfy.model_management as mm
+from comfy.patcher_extension import PatcherInjection
+
+from ...svdiff import layers as L
+from ...svdiff.shift import delta_length, is_spectral_shape
+from .. import comfy_compat as compat
+from ..adapter import base_weight, svd_cache, weight_fingerprint
+from ..common import check_interrupt, progress
+
+
+def _weight_bias(mod, x):
+    """The layer's weight and bias as ComfyUI would use them (casts, low-VRAM patches), no copy."""
+    return compat.layer_weight_bias(mod, x)
+
+
+def _geometry(mod) -> L.ConvGeometry:
+    return L.ConvGeometry(tuple(mod.stride), tuple(mod.padding), tuple(mod.dilation), int(mod.groups))
+
+
+def _make_forward(mod, kind: str, layer: Optional[L.ShiftedLayer], vdelta: Optional[torch.Tensor], clone_input: bool = False):
+    if kind in ("linear", "conv2d"):
+        geo = _geometry(mod) if kind == "conv2d" else None
+
+        def forward(x, *args, **kwargs):
+            w, b = _weight_bias(mod, x)
+            if layer is not None:
+                return layer.forward(x, w, b)
+            return L.frozen_forward(kind, x, w, b, geo)
+
+        return forward
+
+    def norm_forward(x, *args, **kwargs):
+        if clone_input:
+            x = x.clone()  # the caller may update x in place afterwards (ComfyUI's CLIP: x += attn(ln(x)))
+        w, b = _weight_bias(mod, x)
+        if w is not None:
+            w = L.shifted_vector(w, vdelta)
+        if b is not None and b.is_inference():
+            b = b.clone()
+        if kind == "groupnorm":
+            return F.group_norm(x, mod.num_groups, w, b, mod.eps)
+        return F.layer_norm(x, mod.normalized_shape, w, b, mod.eps)
+
+    return norm_forward
+
+
+def _kind(mod) -> Optional[str]:
+    if isinstance(mod, torch.nn.Linear):
+        return "linear"
+    if isinstance(mod, torch.nn.Conv2d) and getattr(mod, "padding_mode", "zeros") == "zeros":
+        return "conv2d"
+    if isinstance(mod, torch.nn.GroupNorm):
+        return "groupnorm"
+    if isinstance(mod, torch.nn.LayerNorm):
+        return "layernorm"
+    return None
+
+
+def _checkpoint_targets(root: torch.nn.Module) -> list:
+    """The outermost non-container children of ``root`` (each becomes one checkpointed segment)."""
+    out = []
+    for child in root.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
+            out.extend(_checkpoint_targets(child))
+        else:
+            out.append(child)
+    return out
+
+
+class TrainInjection:
+    """Install / remove the training forwards on the shared modules (a PatcherInjection pair)."""
+
+    def __init__(self, forwards: list, checkpoint_roots: list):
+        self.forwards = forwards  # [(module, forward)]
+        self.checkpoint_roots = checkpoint_roots
+        self.saved: list = []
+
+    def inject(self, patcher):
+        if self.saved:
+            return
+        for mod, fwd in self.forwards:
+            self.saved.append((mod, mod.__dict__.get("forward")))
+            mod.forward = fwd
+        for root in self.checkpoint_roots:
+            for mod in _checkpoint_targets(root):
+                inner = mod.forward
+                self.saved.append((mod, mod.__dict__.get("forward")))
+
+                def ckpt(*args, _inner=inner, **kwargs):
+                    # dict arguments (transformer_options) are copied: ComfyUI updates them in place
+                    # as it walks the blocks ("block", "block_index"), and the recomputation in the
+                    # backward pass must see the values this block was called with, not the last ones
+                    args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+                    kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+                    return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+                mod.forward = ckpt
+
+    def eject(self, patcher):
+        for mod, prev in reversed(self.saved):
+            if prev is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = prev
+        self.saved = []
+
+    def patcher_injection(self) -> PatcherInjection:
+        return PatcherInjection(inject=self.inject, eject=self.eject)
+
+
+# ---------------------------------------------------------------------------------------
+# Trainable state
+# ---------------------------------------------------------------------------------------
+class Trainable:
+    """delta Parameters for a set of keys of one patcher, and the injection that uses them."""
+
+    def __init__(self, patcher, keys: list, rank: int, device, force_route: Optional[str], scope_prefix: str,
+                 skip_modules=(), clone_norm_input: bool = False):
+        self.patcher = patcher
+        self.params: "OrderedDict[str, torch.nn.Parameter]" = OrderedDict()
+        self.layers: dict = {}
+        self.shapes: dict = {}
+        self.fps: dict = {}
+        modules = dict(patcher.model.named_modules())
+        wanted = set(keys)
+        cache = svd_cache()
+        pbar = progress(max(1, len(keys)))
+        forwards = []
+        for name, mod in modules.items():
+            if not name.startswith(scope_prefix.rstrip(".")):
+                continue
+            if any(name.startswith(s) for s in skip_modules):
+                continue
+            kind = _kind(mod)
+            if kind is None or getattr(mod, "weight", None) is None:
+                continue
+            key = f"{name}.weight"
+            layer, vdelta = None, None
+            if key in wanted:
+                check_interrupt()
+                w = base_weight(patcher, key)
+                shape = tuple(w.shape)
+                self.shapes[key] = shape
+                self.fps[key] = weight_fingerprint(w)
+                if is_spectral_shape(shape):
+                    dec = cache.get(w, device=mm.get_torch_device(), fp=self.fps[key])
+                    r = delta_length(shape, rank)
+                    delta = torch.nn.Parameter(torch.zeros(r, dtype=torch.float32, device=device))
+                    layer = L.ShiftedLayer(
+                        delta=delta, S=dec.S[:r].to(device), U=dec.U[:, :r].contiguous().to(device),
+                        Vh=dec.Vh[:r].contiguous().to(device), shape=shape,
+                        kind=kind, geo=_geometry(mod) if kind == "conv2d" else None, force_route=force_route,
+                    )
+                    self.layers[key] = layer
+                    self.params[key] = delta
+                else:
+                    vdelta = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
+                    self.params[key] = vdelta
+                pbar.update(1)
+            forwards.append((mod, _make_forward(mod, kind, layer, vdelta, clone_norm_input)))
+        self.missing = [k for k in keys if k not in self.params]
+        self.injection = TrainInjection(forwards, [])
+
+    def spectral_params(self):
+        return [p for k, p in self.params.items() if k in self.layers]
+
+    def vector_params(self):
+        return [p for k, p in self.params.items() if k not in self.layers]
+
+    def routes(self) -> dict:
+        out = {}
+        for layer in self.layers.values():
+            out[layer.route or "unused"] = out.get(layer.route or "unused", 0) + 1
+        return out
+
