@@ -58,8 +58,11 @@ merge_s = time.perf_counter() - t0
 shifted.unpatch_model()
 merged = steps(shifted, 4)  # default: shifted weights patched once at load (ON_LOAD callback)
 os.environ["SVDIFF_LOWVRAM_MERGE"] = "0"
+pack_settings = pack_module("nodes.settings")
+pack_settings.reload()
 per_forward = steps(shifted, 4)  # ComfyUI's own per-forward path with the adapter's residual cache
 del os.environ["SVDIFF_LOWVRAM_MERGE"]
+pack_settings.reload()
 print(f"base step {b:.2f} s")
 print(f"merged at load (default): steps {sum(merged[1:]) / 3:.2f} s ({sum(merged[1:]) / 3 / b:.2f}x, goal < 1.10x); "
       f"first step {merged[0]:.2f} s; the merge itself {merge_s:.1f} s once per load")

@@ -25,6 +25,7 @@ from ..svdiff.decompose import Decomposition, SVDCache, fingerprint
 from ..svdiff.shift import SpectralShift, is_spectral_shape, spectral_residual
 from ..svdiff import shiftfile
 from . import comfy_compat as compat
+from . import settings as pack_settings
 from .common import SVDiffNodeError, check_interrupt, compute_device, log, progress
 
 UNET_PREFIX = "diffusion_model."
@@ -36,30 +37,23 @@ _CACHE: Optional[SVDCache] = None
 _CACHE_LOCK = threading.Lock()
 
 
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
 def svd_cache() -> SVDCache:
     """The process-wide SVD cache.
 
     Memory: SVDIFF_SVD_MEMORY_MB (default 4096).  Disk: under ComfyUI's user directory
     (``user/svdiff_cache``), SVDIFF_DISK_CACHE=0 turns it off, SVDIFF_DISK_CACHE_GB caps it
-    (default 8; U and V of the whole SD1.5 UNet take about 2.2 GB in float16).
+    (default 8; U and V of the whole SD1.5 UNet take about 2.2 GB in float16).  See
+    ``nodes/settings.py``.
     """
     global _CACHE
     with _CACHE_LOCK:
         if _CACHE is None:
-            disk = None
-            if os.environ.get("SVDIFF_DISK_CACHE", "1") not in ("0", "false", "off", "no"):
-                disk = os.path.join(folder_paths.get_user_directory(), "svdiff_cache")
+            cfg = pack_settings.current()
+            disk = os.path.join(folder_paths.get_user_directory(), "svdiff_cache") if cfg.disk_cache else None
             _CACHE = SVDCache(
-                memory_limit=int(_env_float("SVDIFF_SVD_MEMORY_MB", 4096) * (1 << 20)),
+                memory_limit=int(cfg.svd_memory_mb * (1 << 20)),
                 disk_dir=disk,
-                disk_limit=int(_env_float("SVDIFF_DISK_CACHE_GB", 8) * (1 << 30)),
+                disk_limit=int(cfg.disk_cache_gb * (1 << 30)),
             )
         return _CACHE
 
@@ -94,7 +88,7 @@ class _ResidualBudget:
 
     @property
     def limit(self) -> int:
-        return int(_env_float("SVDIFF_RESIDUAL_CACHE_MB", 2048) * (1 << 20))
+        return int(pack_settings.current().residual_cache_mb * (1 << 20))
 
     def take(self, n: int) -> bool:
         with self.lock:
@@ -288,7 +282,7 @@ def merge_shifted_lowvram_weights(patcher, device_to, lowvram_model_memory, forc
     like any weight.  SVDIFF_LOWVRAM_MERGE=0 keeps ComfyUI's per-forward path.
     Returns the number of weights merged.
     """
-    if full_load or force_patch_weights or os.environ.get("SVDIFF_LOWVRAM_MERGE", "1") in ("0", "false", "off", "no"):
+    if full_load or force_patch_weights or not pack_settings.current().lowvram_merge:
         return 0
     if compat.is_dynamic(patcher):
         return 0  # dynamic VRAM (0.33) streams and patches weights itself; there is no LowVramPatch to merge

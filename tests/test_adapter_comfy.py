@@ -101,6 +101,9 @@ def test_lowvram_mode_merges_once_and_matches_full_load(tiny, monkeypatch):
     assert calls and calls[0] == len(sh)  # every shifted weight patched once at load
     assert torch.allclose(merged, full, atol=1e-5)
     monkeypatch.setenv("SVDIFF_LOWVRAM_MERGE", "0")
+    settings = pack_module("nodes.settings")
+    monkeypatch.setattr(settings, "_CURRENT", None)  # read again from the environment; restored after the test
+    assert settings.current().lowvram_merge is False
     per_forward = _lowvram_out(m2)  # ComfyUI's own LowVramPatch path
     assert torch.allclose(per_forward, full, atol=1e-5)
     # the base model is untouched by either path
