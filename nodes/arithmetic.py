@@ -20,7 +20,7 @@ from ..svdiff.subsets import LAYER_PRESET_NAMES
 from . import comfy_compat as compat
 from . import interchange as X
 from .adapter import architecture_of
-from .common import CATEGORY, SpectralShiftType, SVDiffNodeError, log
+from .common import CATEGORY, SpectralShiftType, SVDiffNodeError, log, require_shift, resolve_file
 
 MODES = ["add", "interpolate", "scale", "select layers", "rank limit"]
 NO_PRESET = "(pattern only)"
@@ -45,11 +45,13 @@ def _connected(kw: dict) -> list:
 
 
 class SVDiffCombineShifts(io.ComfyNode):
+    NODE_NAME = "Combine/Scale Shifts"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="SVDiffCombineShifts",
-            display_name="Combine/Scale Shifts",
+            display_name=cls.NODE_NAME,
             category=CATEGORY,
             description="Arithmetic on spectral shifts before patching (Eq. 4/5, Sec. 4.4, appendix E): one merged delta per weight.",
             inputs=[
@@ -82,12 +84,11 @@ class SVDiffCombineShifts(io.ComfyNode):
     @classmethod
     def execute(cls, mode, weight_a, weight_b, weight_c, weight_d, alpha, scale, rank, preset, pattern="",
                 shift_a=None, shift_b=None, shift_c=None, shift_d=None) -> io.NodeOutput:
-        node = "Combine/Scale Shifts"
+        node = cls.NODE_NAME
         kw = dict(shift_a=shift_a, shift_b=shift_b, shift_c=shift_c, shift_d=shift_d)
         conn = _connected(kw)
         for letter, s in conn:
-            if not isinstance(s, SpectralShift):
-                raise SVDiffNodeError(node, f"shift_{letter.lower()}: expected a SPECTRAL_SHIFT, got {type(s).__name__}")
+            require_shift(node, s, f"shift_{letter.lower()}")
         weights = {"A": weight_a, "B": weight_b, "C": weight_c, "D": weight_d}
         try:
             if mode in ("add", "interpolate"):
@@ -136,12 +137,9 @@ class SVDiffCombineShifts(io.ComfyNode):
 def _source_size(shift: SpectralShift):
     name = shift.metadata.get("source_file")
     if name:
-        try:
-            p = folder_paths.get_full_path("svdiff", name)
-            if p and os.path.isfile(p):
-                return os.path.getsize(p), "file"
-        except Exception:
-            pass
+        p = folder_paths.get_full_path("svdiff", str(name))
+        if p and os.path.isfile(p):
+            return os.path.getsize(p), "file"
     try:
         return shiftfile.predicted_file_size(shift, "float16"), "float16 if saved"
     except ValueError:
@@ -149,11 +147,13 @@ def _source_size(shift: SpectralShift):
 
 
 class SVDiffInspectShift(io.ComfyNode):
+    NODE_NAME = "Inspect Spectral Shift"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="SVDiffInspectShift",
-            display_name="Inspect Spectral Shift",
+            display_name=cls.NODE_NAME,
             category=CATEGORY,
             description="Per-block norm of delta as a bar chart, the cosine-similarity matrix of several shifts as a heat map (Fig. 15), and a text summary.",
             is_output_node=True,
@@ -166,11 +166,10 @@ class SVDiffInspectShift(io.ComfyNode):
 
     @classmethod
     def execute(cls, shift_a, shift_b=None, shift_c=None, shift_d=None) -> io.NodeOutput:
-        node = "Inspect Spectral Shift"
+        node = cls.NODE_NAME
         conn = _connected(dict(shift_a=shift_a, shift_b=shift_b, shift_c=shift_c, shift_d=shift_d))
         for letter, s in conn:
-            if not isinstance(s, SpectralShift):
-                raise SVDiffNodeError(node, f"shift_{letter.lower()}: expected a SPECTRAL_SHIFT, got {type(s).__name__}")
+            require_shift(node, s, f"shift_{letter.lower()}")
         labels = [f"{l}: {s.metadata.get('source_file') or 'shift'}"[:32] for l, s in conn]
         shifts = [s for _, s in conn]
         img = I.render(shifts, labels)
@@ -199,18 +198,17 @@ NO_LORA = "(none)"
 
 
 def _lora_files():
-    try:
-        return [NO_LORA] + folder_paths.get_filename_list("loras")
-    except Exception:
-        return [NO_LORA]
+    return [NO_LORA] + folder_paths.get_filename_list("loras")
 
 
 class SVDiffFromLoRA(io.ComfyNode):
+    NODE_NAME = "Spectral Shift from LoRA"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="SVDiffFromLoRA",
-            display_name="Spectral Shift from LoRA",
+            display_name=cls.NODE_NAME,
             category=CATEGORY,
             description="Project a LoRA (any kind ComfyUI loads) or a fine-tune's weight change onto the base model's singular basis: "
                         "delta_i = u_i^T (W + dW) v_i - sigma_i, with a report of how much of dW is kept.",
@@ -230,7 +228,7 @@ class SVDiffFromLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength, clip=None, lora=None, finetuned_model=None) -> io.NodeOutput:
-        node = "Spectral Shift from LoRA"
+        node = cls.NODE_NAME
         sources = [n for n, v in (("lora_name", lora_name not in (None, "", NO_LORA)), ("lora", lora is not None),
                                   ("finetuned_model", finetuned_model is not None)) if v]
         if not sources:
@@ -244,10 +242,7 @@ class SVDiffFromLoRA(io.ComfyNode):
             src = "a fine-tuned model"
         else:
             if sources[0] == "lora_name":
-                try:
-                    path = folder_paths.get_full_path_or_raise("loras", lora_name)
-                except Exception:
-                    raise SVDiffNodeError(node, f"lora_name: {lora_name!r} not found in models/loras") from None
+                path = resolve_file(node, "lora_name", "loras", lora_name, "models/loras")
                 sd = comfy.utils.load_torch_file(path, safe_load=True)
                 src = os.path.basename(path)
             else:
@@ -301,11 +296,13 @@ def save_lora_numbered(node: str, sd: dict, metadata: dict, folder: str, filenam
 
 
 class SVDiffToLoRA(io.ComfyNode):
+    NODE_NAME = "Export Spectral Shift as LoRA"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="SVDiffToLoRA",
-            display_name="Export Spectral Shift as LoRA",
+            display_name=cls.NODE_NAME,
             category=CATEGORY,
             description="Write dW = U diag(ReLU(sigma+delta) - sigma) V^T as a standard LoRA file (exact at full rank), "
                         "readable by ComfyUI's LoraLoader and kohya-style tools where this pack is not installed.",
@@ -327,9 +324,8 @@ class SVDiffToLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, shift, model, rank, filename_prefix, folder, clip=None) -> io.NodeOutput:
-        node = "Export Spectral Shift as LoRA"
-        if not isinstance(shift, SpectralShift):
-            raise SVDiffNodeError(node, f"shift: expected a SPECTRAL_SHIFT, got {type(shift).__name__}")
+        node = cls.NODE_NAME
+        require_shift(node, shift)
         if folder not in LORA_FOLDERS:
             raise SVDiffNodeError(node, f"folder: {folder!r} is not one of {LORA_FOLDERS}")
         has_te = any(not k.startswith("diffusion_model.") for k in shift.deltas)
@@ -361,13 +357,15 @@ class SVDiffToLoRA(io.ComfyNode):
 
 
 class SVDiffExportPytorchLayout(io.ComfyNode):
+    NODE_NAME = "Export Spectral Shift (svdiff-pytorch)"
+
     """Write a shift in the layout of the widely used svdiff-pytorch implementation."""
 
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="SVDiffExportPytorchLayout",
-            display_name="Export Spectral Shift (svdiff-pytorch)",
+            display_name=cls.NODE_NAME,
             category=CATEGORY,
             description="Write a shift as svdiff-pytorch files: diffusers module names + '.delta', float32, UNet and text "
                         "encoder in two files. Its 1-D layers carry one scalar each, so per-element 1-D deltas are projected "
@@ -390,9 +388,8 @@ class SVDiffExportPytorchLayout(io.ComfyNode):
 
         from .common import save_numbered
 
-        node = "Export Spectral Shift (svdiff-pytorch)"
-        if not isinstance(shift, SpectralShift):
-            raise SVDiffNodeError(node, f"shift: expected a SPECTRAL_SHIFT, got {type(shift).__name__}")
+        node = cls.NODE_NAME
+        require_shift(node, shift)
         try:
             unet_sd, te_sd, rep = X.shift_to_pytorch_layout(shift, model, clip)
         except ValueError as e:

@@ -49,6 +49,27 @@ def shift_save_dir() -> str:
     return d
 
 
+def resolve_file(node: str, field: str, folder: str, name, where: str) -> str:
+    """The full path of ``name`` in ComfyUI's ``folder`` list (e.g. "svdiff", "loras").
+
+    A missing file is an SVDiffNodeError naming the node, the field and ``where`` it was
+    looked for; nothing else is caught.
+    """
+    try:
+        return folder_paths.get_full_path_or_raise(folder, name)
+    except (FileNotFoundError, TypeError):
+        raise SVDiffNodeError(node, f"{field}: file {name!r} not found in {where}") from None
+
+
+def require_shift(node: str, value, field: str = "shift"):
+    """``value`` if it is a SPECTRAL_SHIFT (an svdiff.shift.SpectralShift), else an error naming the field."""
+    from ..svdiff.shift import SpectralShift
+
+    if not isinstance(value, SpectralShift):
+        raise SVDiffNodeError(node, f"{field}: expected a SPECTRAL_SHIFT, got {type(value).__name__}")
+    return value
+
+
 def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 

@@ -10,7 +10,20 @@ from comfy_api.latest import io, ui
 from ..svdiff import shiftfile
 from ..svdiff.shift import SpectralShift
 from .adapter import UNET_PREFIX, patch_with_shift
-from .common import CATEGORY, SpectralShiftType, SVDiffNodeError, register_shift_folder, save_numbered, shift_files, shift_save_dir
+from . import interchange
+from .common import (CATEGORY, SpectralShiftType, SVDiffNodeError, register_shift_folder, require_shift, resolve_file,
+                     save_numbered, shift_files, shift_save_dir)
+
+
+def strength_inputs() -> list:
+    """The strength_model / strength_clip inputs of Load and Apply Spectral Shift."""
+    return [
+        io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                       tooltip="Scale s of the shift inside the ReLU: ReLU(sigma + s*delta) (appendix E.3). "
+                               "1 = as trained, 0 = off, negative reverses the concept."),
+        io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                       tooltip="The same scale for the text encoder's shifts."),
+    ]
 
 
 def split_model_and_clip_keys(shift: SpectralShift):
@@ -21,8 +34,7 @@ def split_model_and_clip_keys(shift: SpectralShift):
 
 def apply_shift(node: str, model, clip, shift: SpectralShift, strength_model: float, strength_clip: float, source: str):
     """Patch clones of MODEL and CLIP with the UNet and text-encoder parts of ``shift``."""
-    if not isinstance(shift, SpectralShift):
-        raise SVDiffNodeError(node, f"expected a SPECTRAL_SHIFT, got {type(shift).__name__}")
+    require_shift(node, shift)
     unet_keys, clip_keys = split_model_and_clip_keys(shift)
     if not unet_keys and not clip_keys:
         raise SVDiffNodeError(node, f"{source} holds no weights")
@@ -53,10 +65,6 @@ def read_shift_file(node: str, path: str, model=None, clip=None) -> SpectralShif
         tensors, metadata, layout = shiftfile.load_raw(path)
         if layout == shiftfile.FORMAT_NAME:
             return shiftfile.shift_from_raw(path, tensors, metadata)
-        try:
-            from . import interchange
-        except ImportError:
-            raise shiftfile.ShiftFileError(path, f"is in the {layout} layout, which this version cannot convert") from None
         return interchange.shift_from_foreign(path, tensors, metadata, layout, model=model, clip=clip)
     except shiftfile.ShiftFileError as e:
         raise SVDiffNodeError(node, str(e)) from None
@@ -75,78 +83,75 @@ def _existing_non_file(shift_name: str):
 
 
 class SVDiffLoadShift(io.ComfyNode):
+    NODE_NAME = "Load Spectral Shift"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="SVDiffLoadShift",
-            display_name="Load Spectral Shift",
+            display_name=cls.NODE_NAME,
             category=CATEGORY,
             description="Load an SVDiff spectral-shift file and patch MODEL/CLIP with it (chains with LoRAs).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (a patched clone is returned; the input is not changed)."),
                 io.Clip.Input("clip", optional=True, tooltip="The text encoder to patch when the file also shifts it (optional)."),
                 io.Combo.Input("shift_name", options=shift_files(), tooltip="A spectral-shift .safetensors file from models/svdiff."),
-                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="Scale s of the shift inside the ReLU: ReLU(sigma + s*delta). 0 = off, negative reverses the concept."),
-                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="The same scale for the text encoder's shifts."),
+                *strength_inputs(),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), SpectralShiftType.Output(display_name="SPECTRAL_SHIFT")],
         )
 
     @classmethod
     def execute(cls, model, shift_name, strength_model, strength_clip, clip=None) -> io.NodeOutput:
-        node = "Load Spectral Shift"
+        node = cls.NODE_NAME
         try:
-            path = folder_paths.get_full_path_or_raise("svdiff", shift_name)
-        except Exception:
-            path = _existing_non_file(shift_name)
+            path = resolve_file(node, "shift_name", "svdiff", shift_name, "models/svdiff")
+        except SVDiffNodeError:
+            path = _existing_non_file(shift_name)  # a folder or broken link there: read_shift_file names it
             if path is None:
-                raise SVDiffNodeError(node, f"shift_name: file {shift_name!r} not found in models/svdiff") from None
+                raise
         shift = read_shift_file(node, path, model=model, clip=clip)
         m, c = apply_shift(node, model, clip, shift, strength_model, strength_clip, os.path.basename(path))
         return io.NodeOutput(m, c, shift)
 
     @classmethod
     def fingerprint_inputs(cls, shift_name, **kwargs):
+        p = folder_paths.get_full_path("svdiff", str(shift_name))
         try:
-            p = folder_paths.get_full_path("svdiff", shift_name)
-            st = os.stat(p)
-            return f"{p}:{st.st_mtime_ns}:{st.st_size}"
-        except Exception:
-            return shift_name
+            st = os.stat(p) if p else None
+        except OSError:
+            st = None
+        return f"{p}:{st.st_mtime_ns}:{st.st_size}" if st else shift_name
 
 
 class SVDiffApplyShift(io.ComfyNode):
+    NODE_NAME = "Apply Spectral Shift"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="SVDiffApplyShift",
-            display_name="Apply Spectral Shift",
+            display_name=cls.NODE_NAME,
             category=CATEGORY,
             description="Patch MODEL/CLIP with a SPECTRAL_SHIFT flowing in the graph (from training or arithmetic).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch (a patched clone is returned)."),
                 SpectralShiftType.Input("shift", tooltip="The spectral shift to apply."),
                 io.Clip.Input("clip", optional=True, tooltip="The text encoder to patch when the shift also covers it (optional)."),
-                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="Scale s of the shift inside the ReLU: ReLU(sigma + s*delta)."),
-                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="The same scale for the text encoder's shifts."),
+                *strength_inputs(),
             ],
             outputs=[io.Model.Output(), io.Clip.Output()],
         )
 
     @classmethod
     def execute(cls, model, shift, strength_model, strength_clip, clip=None) -> io.NodeOutput:
-        m, c = apply_shift("Apply Spectral Shift", model, clip, shift, strength_model, strength_clip, "the connected shift")
+        m, c = apply_shift(cls.NODE_NAME, model, clip, shift, strength_model, strength_clip, "the connected shift")
         return io.NodeOutput(m, c)
 
 
 def save_shift_numbered(node: str, shift: SpectralShift, filename_prefix: str, dtype: str = "float16") -> str:
     """Save into models/svdiff under the next free number; atomic and never overwriting."""
-    if not isinstance(shift, SpectralShift):
-        raise SVDiffNodeError(node, f"expected a SPECTRAL_SHIFT, got {type(shift).__name__}")
+    require_shift(node, shift)
     try:
         data = shiftfile.shift_to_bytes(shift, dtype)
     except ValueError as e:
@@ -157,11 +162,13 @@ def save_shift_numbered(node: str, shift: SpectralShift, filename_prefix: str, d
 
 
 class SVDiffSaveShift(io.ComfyNode):
+    NODE_NAME = "Save Spectral Shift"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="SVDiffSaveShift",
-            display_name="Save Spectral Shift",
+            display_name=cls.NODE_NAME,
             category=CATEGORY,
             description="Write a SPECTRAL_SHIFT to models/svdiff as a numbered .safetensors file (never overwrites).",
             is_output_node=True,
@@ -182,7 +189,7 @@ class SVDiffSaveShift(io.ComfyNode):
         if description:
             shift = shift.copy()
             shift.metadata["description"] = description
-        path = save_shift_numbered("Save Spectral Shift", shift, filename_prefix, dtype)
+        path = save_shift_numbered(cls.NODE_NAME, shift, filename_prefix, dtype)
         size = os.path.getsize(path)
         text = f"saved {os.path.basename(path)} ({size / 1024:.1f} KiB, {len(shift)} weights) in {os.path.dirname(path)}"
         return io.NodeOutput(path, ui=ui.PreviewText(text))
