@@ -8,7 +8,6 @@ Also prints the shift-file sizes for SD1.5 UNet + CLIP-L in float16 and float32.
 """
 
 import argparse
-import os
 import tempfile
 import time
 
@@ -22,7 +21,6 @@ _common.boot()
 import torch  # noqa: E402
 import svdiff.decompose as D  # noqa: E402
 import svdiff.shift as S  # noqa: E402
-import svdiff.shiftfile as F  # noqa: E402
 
 mp = _common.sd15_patcher()
 mats = [(k, v.detach()) for k, v in mp.model.state_dict().items() if k.startswith("diffusion_model.") and k.endswith(".weight") and v.ndim >= 2]

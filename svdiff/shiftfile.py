@@ -35,7 +35,6 @@ import json
 import math
 import os
 import struct
-from typing import Optional
 
 import torch
 

@@ -14,7 +14,6 @@ Plain PyTorch.
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import torch
 
