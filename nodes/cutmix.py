@@ -47,7 +47,8 @@ class SVDiffCutMixBuilder(io.ComfyNode):
                                    "Must stay below 1, or the model never sees the subjects apart."),
             io.Combo.Input("layout", options=list(LAYOUTS), default="left-right",
                            tooltip="How two subjects share a mixed image: side by side, one above the other "
-                                   "(both 1:1), or random orientation and split ratio."),
+                                   "(both 1:1, the paper's layouts), or random orientation and split ratio (this pack's "
+                                   "extension: appendix C.2 leaves random layouts to future work)."),
             io.Float.Input("and_prompt_probability", default=0.5, min=0.0, max=1.0, step=0.01,
                            tooltip="Chance that a mixed prompt is 'photo of a A and a B' (random order) "
                                    "instead of naming the layout ('... on the left and ... on the right')."),

@@ -4,8 +4,8 @@ A :class:`CutMixTrainingSet` turns two or more subjects (each a batch of images 
 special token and class word) into training samples.  With probability
 ``config.probability`` (the paper uses 0.6, never 1: Sec. 3.3) a sample is *cut-mixed*:
 two subjects are drawn without replacement and their images are placed side by side
-("left-right"), one above the other ("up-down") or at a random split ("random", see
-:class:`CutMixConfig`), and the prompt names both, e.g.
+("left-right"), one above the other ("up-down") or at a random split ("random", this
+pack's extension, see :class:`CutMixConfig`), and the prompt names both, e.g.
 
 * ``"photo of a sks dog and a hta sculpture"`` (with ``and_prompt_probability``, subject
   order random), or
@@ -137,7 +137,9 @@ class CutMixConfig:
         leave the model no single-subject samples to tell the subjects apart).
     layout: "left-right" or "up-down" (1:1 split, the paper's default), or "random": each
         mixed sample picks left-right or up-down with equal chance and a split ratio drawn
-        uniformly from RANDOM_SPLIT_RANGE (appendix C.2's random layout).
+        uniformly from RANDOM_SPLIT_RANGE.  "random" is this pack's extension: appendix C.2
+        reports that random left/right split ratios behaved like the fixed 1:1 split and
+        leaves random layouts to future work.
     and_prompt_probability: chance that a mixed prompt is "photo of a A and a B" (subject
         order random) instead of naming the layout ("... on the left and ... on the right").
     seed: every sample is a deterministic function of (seed, step, prior).
@@ -229,11 +231,24 @@ def mixed_prompt(first: Subject, second: Subject, orientation: str, and_prompt: 
 # --------------------------------------------------------------------------------------
 # The training set
 # --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    """What a sample shows: one subject, or two with their layout and prompt form."""
+
+    subjects: tuple
+    orientation: str = "single"
+    ratio: float = 1.0
+    and_prompt: bool = False
+    and_order: tuple = (0, 1)
+
+
 class CutMixTrainingSet:
     """Subjects + Cut-Mix settings + training resolution: draws samples by step.
 
-    ``sample(step, prior)`` is deterministic in (config.seed, step, prior).  Prior samples
-    use only subjects that have prior images (mixed only when two or more have them).
+    ``sample(step, prior)`` is deterministic in (config.seed, step, prior).  The prior sample
+    of a step is paired with its instance sample (same subjects, layout and prompt form, see
+    ``_plan``); it falls back to the subjects that have prior images when a subject of the
+    instance sample has none.
     """
 
     def __init__(self, subjects: Sequence[Subject], config: Optional[CutMixConfig] = None, resolution: int = 512):
@@ -277,40 +292,72 @@ class CutMixTrainingSet:
         s = self.subjects[i]
         return s.prior_images if prior else s.images
 
-    def sample(self, step: int, prior: bool = False) -> CutMixSample:
-        """The training sample of ``step`` (a prior-preservation sample when ``prior``)."""
-        rng = self._rng(step, prior)
+    def _draw_plan(self, rng: random.Random, pool: list) -> "_Plan":
+        """Which subjects a sample shows and how (everything but the image indices)."""
         cfg = self.config
-        R = self.resolution
-        pool = self._pool(prior)
         mix = rng.random() < cfg.probability and len(pool) >= 2
         if not mix:
-            i = pool[rng.randrange(len(pool))]
-            imgs = (self._square_prior if prior else self._square)[i]
-            j = rng.randrange(imgs.shape[0])
-            s = self.subjects[i]
-            return CutMixSample(
-                image=imgs[j].clone(),
-                prompt=single_prompt(s, prior),
-                masks=torch.ones(1, R, R),
-                words=[s.class_word if prior else s.token],
-                class_words=[s.class_word],
-                tokens=[s.token],
-                subjects=[i],
-                layout="single",
-                split=1.0,
-                prior=prior,
-            )
-
+            return _Plan((pool[rng.randrange(len(pool))],))
         a, b = rng.sample(pool, 2)  # without replacement; a takes the left/top region
         if cfg.layout == "random":
             orientation = "left-right" if rng.random() < 0.5 else "up-down"
             ratio = rng.uniform(*RANDOM_SPLIT_RANGE)
         else:
             orientation, ratio = cfg.layout, 0.5
-        cut = min(R - 1, max(1, int(round(R * ratio))))
         and_prompt = rng.random() < cfg.and_prompt_probability
         and_order = (0, 1) if rng.random() < 0.5 else (1, 0)
+        return _Plan((a, b), orientation, ratio, and_prompt, and_order)
+
+    def _plan(self, step: int, prior: bool) -> tuple:
+        """(plan, generator for the image indices) of a step's instance or prior sample.
+
+        The prior sample of a step is built "in a similar manner" as its instance sample
+        (Sec. 3.3): it repeats the instance sample's plan (mixed when that is mixed, with the
+        same two subjects in the same regions, layout, split and prompt form), from the
+        subjects' prior images, so the prior term sees the class words in the same
+        arrangement as the instance term sees the tokens.  Only when a subject of that plan
+        has no prior images is the prior sample drawn on its own from those that have some.
+        """
+        if not prior:
+            rng = self._rng(step, False)
+            return self._draw_plan(rng, self._pool(False)), rng
+        pool = self._pool(True)
+        plan = self._draw_plan(self._rng(step, False), self._pool(False))
+        rng = self._rng(step, True)
+        if all(i in pool for i in plan.subjects):
+            return plan, rng
+        return self._draw_plan(rng, pool), rng
+
+    def sample(self, step: int, prior: bool = False) -> CutMixSample:
+        """The training sample of ``step`` (a prior-preservation sample when ``prior``)."""
+        plan, rng = self._plan(step, prior)
+        if len(plan.subjects) == 1:
+            return self._single(plan.subjects[0], rng, prior)
+        return self._mixed(plan, rng, prior)
+
+    def _single(self, i: int, rng: random.Random, prior: bool) -> CutMixSample:
+        R = self.resolution
+        imgs = (self._square_prior if prior else self._square)[i]
+        j = rng.randrange(imgs.shape[0])
+        s = self.subjects[i]
+        return CutMixSample(
+            image=imgs[j].clone(),
+            prompt=single_prompt(s, prior),
+            masks=torch.ones(1, R, R),
+            words=[s.class_word if prior else s.token],
+            class_words=[s.class_word],
+            tokens=[s.token],
+            subjects=[i],
+            layout="single",
+            split=1.0,
+            prior=prior,
+        )
+
+    def _mixed(self, plan: "_Plan", rng: random.Random, prior: bool) -> CutMixSample:
+        R = self.resolution
+        a, b = plan.subjects
+        orientation = plan.orientation
+        cut = min(R - 1, max(1, int(round(R * plan.ratio))))
         ia = rng.randrange(self._images(a, prior).shape[0])
         ib = rng.randrange(self._images(b, prior).shape[0])
 
@@ -329,7 +376,7 @@ class CutMixTrainingSet:
         sa, sb = self.subjects[a], self.subjects[b]
         return CutMixSample(
             image=image,
-            prompt=mixed_prompt(sa, sb, orientation, and_prompt, prior, and_order),
+            prompt=mixed_prompt(sa, sb, orientation, plan.and_prompt, prior, plan.and_order),
             masks=masks,
             words=[sa.class_word, sb.class_word] if prior else [sa.token, sb.token],
             class_words=[sa.class_word, sb.class_word],
