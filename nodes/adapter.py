@@ -24,6 +24,7 @@ from comfy.weight_adapter.base import WeightAdapterBase
 from ..svdiff.decompose import Decomposition, SVDCache, fingerprint
 from ..svdiff.shift import SpectralShift, is_spectral_shape, spectral_residual
 from ..svdiff import shiftfile
+from ..svdiff.arithmetic import weighted_delta_sum
 from . import comfy_compat as compat
 from . import settings as pack_settings
 from .common import SVDiffNodeError, check_interrupt, compute_device, log, progress
@@ -296,12 +297,15 @@ def merge_shifted_lowvram_weights(patcher, device_to, lowvram_model_memory, forc
     return merged
 
 
-def patch_with_shift(patcher, shift: SpectralShift, strength: float, node: str, source: str, prefix: Optional[str] = None):
+def patch_with_shift(patcher, shift: SpectralShift, strength: float, node: str, source: str, prefix: Optional[str] = None,
+                     compose: bool = True):
     """A clone of ``patcher`` with ``shift`` attached (never the patcher itself).
 
     Validates the shift against the model's weights first (refusing other architectures,
     naming the first mismatching key) and decomposes before touching anything, so a failure
-    leaves nothing half patched.  Returns (clone, report dict).
+    leaves nothing half patched.  With ``compose`` a shift the patcher already carries is
+    composed with this one as Eq. 4; without, the two stack (what SVDiff Train learnt on).
+    Returns (clone, report dict).
     """
     model_shapes = shiftable_shapes(patcher, prefix)
     part = {k: s for k, s in shift.shapes.items() if (prefix is None or k.startswith(prefix))}
@@ -325,13 +329,65 @@ def patch_with_shift(patcher, shift: SpectralShift, strength: float, node: str, 
         report["warnings"].append(msg)
         log.warning("[%s] %s", node, msg)
     clone = patcher.clone()
-    added = clone.add_patches(patches, strength)
+    plain, composed, blocked = compose_with_carried_shifts(clone, patches, strength) if compose else (patches, {}, [])
+    added = clone.add_patches(plain, strength) + (clone.add_patches(composed, 1.0) if composed else [])
     if not compat.has_callback(clone, CallbacksMP.ON_LOAD, LOWVRAM_MERGE_KEY):
         clone.add_callback_with_key(CallbacksMP.ON_LOAD, LOWVRAM_MERGE_KEY, merge_shifted_lowvram_weights)
     if len(added) != len(patches):
         raise SVDiffNodeError(node, f"ComfyUI accepted only {len(added)} of {len(patches)} patches")
+    report["composed"] = len(composed)
+    if composed:
+        msg = (f"the model already carried a spectral shift on {len(composed)} of these weights: composed as Eq. 4, "
+               f"ReLU(sigma + s1*delta1 + s2*delta2), one ReLU over the summed shifts")
+        report["warnings"].append(msg)
+        log.info("[%s] %s", node, msg)
+    if blocked:
+        msg = (f"{len(blocked)} weights already carry a spectral shift that cannot be composed here (patched with a "
+               f"model strength, an offset or a function); they stack as W + R1 + R2 instead of Eq. 4's "
+               f"ReLU(sigma + delta1 + delta2): merge the shifts first with Combine/Scale Shifts")
+        report["warnings"].append(msg)
+        log.warning("[%s] %s", node, msg)
     report["fingerprint"] = combined_fingerprint(fps)
     return clone, report
+
+
+def carried_shift_patches(patcher, key: str) -> list:
+    """The spectral-shift patches a MODEL/CLIP patcher already carries on ``key``."""
+    return [p for p in compat.key_patches(patcher, key) if isinstance(p[1], SpectralShiftAdapter)]
+
+
+def carried_shift_keys(patcher) -> list:
+    """Keys on which ``patcher`` already carries a spectral shift."""
+    return [k for k, lst in compat.all_key_patches(patcher).items() if any(isinstance(p[1], SpectralShiftAdapter) for p in lst)]
+
+
+def compose_with_carried_shifts(clone, patches: dict, strength: float) -> tuple:
+    """Eq. 4 for a shift applied on a MODEL that already carries one.
+
+    ComfyUI adds patches: two adapters on one weight would give W + R1 + R2, with a ReLU per
+    shift.  Where ``clone`` already carries spectral shifts on a key (added with a model
+    strength of 1, no offset, no function: how this pack adds them), they are taken off and
+    replaced with one adapter of delta = sum_i s_i delta_i (their patch strengths s_i and
+    ``strength`` for the new one), applied with strength 1: ReLU(sigma + sum_i s_i delta_i).
+    Both shifts are of the same base weight (each adapter decomposes the unpatched weight).
+
+    Returns (patches to add with ``strength``, composed patches to add with 1.0, keys that
+    carry a shift that cannot be composed).
+    """
+    plain, composed, blocked = {}, {}, []
+    for k, ad in patches.items():
+        prev = carried_shift_patches(clone, k)
+        if not prev:
+            plain[k] = ad
+            continue
+        if any(p[2] != 1.0 or p[3] is not None or p[4] is not None for p in prev):
+            blocked.append(k)
+            plain[k] = ad
+            continue
+        compat.remove_key_patches(clone, k, lambda p: isinstance(p[1], SpectralShiftAdapter))
+        delta = weighted_delta_sum([p[1].delta for p in prev] + [ad.delta], [p[0] for p in prev] + [strength])
+        composed[k] = SpectralShiftAdapter.build(delta, ad.decomposition, ad.shape)
+    return plain, composed, blocked
 
 
 def model_fingerprint(patcher, keys) -> str:

@@ -104,6 +104,27 @@ def key_patches(patcher, key: str) -> list:
     return list(patcher.patches.get(key, []))
 
 
+def remove_key_patches(patcher, key: str, predicate) -> list:
+    """Remove from ``patcher`` (a clone: clones copy the patch lists) the patches of ``key``
+    for which ``predicate(patch_tuple)`` holds; returns them.
+
+    Touches ``ModelPatcher.patches`` and ``patches_uuid`` (a new uuid makes ComfyUI re-patch
+    on the next load, as ``add_patches`` does; both versions).
+    """
+    import uuid
+
+    kept, removed = [], []
+    for p in patcher.patches.get(key, []):
+        (removed if predicate(p) else kept).append(p)
+    if removed:
+        if kept:
+            patcher.patches[key] = kept
+        else:
+            patcher.patches.pop(key, None)
+        patcher.patches_uuid = uuid.uuid4()
+    return removed
+
+
 def all_key_patches(patcher) -> dict:
     """``{key: [patch tuples]}`` of every patched key (``ModelPatcher.patches``)."""
     return {k: list(v) for k, v in patcher.patches.items()}

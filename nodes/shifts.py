@@ -32,8 +32,13 @@ def split_model_and_clip_keys(shift: SpectralShift):
     return unet, other
 
 
-def apply_shift(node: str, model, clip, shift: SpectralShift, strength_model: float, strength_clip: float, source: str):
-    """Patch clones of MODEL and CLIP with the UNet and text-encoder parts of ``shift``."""
+def apply_shift(node: str, model, clip, shift: SpectralShift, strength_model: float, strength_clip: float, source: str,
+                notes: list | None = None, compose: bool = True):
+    """Patch clones of MODEL and CLIP with the UNet and text-encoder parts of ``shift``.
+
+    A MODEL/CLIP that already carries a spectral shift gets the two composed as Eq. 4 (see
+    ``adapter.compose_with_carried_shifts``); what was composed or could not be goes to ``notes``.
+    """
     require_shift(node, shift)
     unet_keys, clip_keys = split_model_and_clip_keys(shift)
     if not unet_keys and not clip_keys:
@@ -45,7 +50,9 @@ def apply_shift(node: str, model, clip, shift: SpectralShift, strength_model: fl
     # Validate both parts before patching either: nothing is patched half way.
     new_model, new_clip = model, clip
     if unet_keys and model is not None:
-        new_model, _ = patch_with_shift(model, shift, strength_model, node, source, prefix=UNET_PREFIX)
+        new_model, rep = patch_with_shift(model, shift, strength_model, node, source, prefix=UNET_PREFIX, compose=compose)
+        if notes is not None:
+            notes.extend(f"MODEL: {w}" for w in rep["warnings"])
     if clip_keys:
         if clip is None:
             from .common import log
@@ -53,7 +60,9 @@ def apply_shift(node: str, model, clip, shift: SpectralShift, strength_model: fl
             log.warning("[%s] %s also shifts the text encoder (%d weights) but no CLIP is connected", node, source, len(clip_keys))
         else:
             sub = SpectralShift({k: shift.deltas[k] for k in clip_keys}, {k: shift.shapes[k] for k in clip_keys}, shift.metadata)
-            patched_patcher, _ = patch_with_shift(clip.patcher, sub, strength_clip, node, source)
+            patched_patcher, rep = patch_with_shift(clip.patcher, sub, strength_clip, node, source, compose=compose)
+            if notes is not None:
+                notes.extend(f"CLIP: {w}" for w in rep["warnings"])
             new_clip = clip.clone()
             new_clip.patcher = patched_patcher
     return new_model, new_clip
@@ -111,8 +120,9 @@ class SVDiffLoadShift(io.ComfyNode):
             if path is None:
                 raise
         shift = read_shift_file(node, path, model=model, clip=clip)
-        m, c = apply_shift(node, model, clip, shift, strength_model, strength_clip, os.path.basename(path))
-        return io.NodeOutput(m, c, shift)
+        notes: list = []
+        m, c = apply_shift(node, model, clip, shift, strength_model, strength_clip, os.path.basename(path), notes)
+        return io.NodeOutput(m, c, shift, ui=ui.PreviewText("\n".join(notes)) if notes else None)
 
     @classmethod
     def fingerprint_inputs(cls, shift_name, **kwargs):
@@ -145,8 +155,9 @@ class SVDiffApplyShift(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, shift, strength_model, strength_clip, clip=None) -> io.NodeOutput:
-        m, c = apply_shift(cls.NODE_NAME, model, clip, shift, strength_model, strength_clip, "the connected shift")
-        return io.NodeOutput(m, c)
+        notes: list = []
+        m, c = apply_shift(cls.NODE_NAME, model, clip, shift, strength_model, strength_clip, "the connected shift", notes)
+        return io.NodeOutput(m, c, ui=ui.PreviewText("\n".join(notes)) if notes else None)
 
 
 def save_shift_numbered(node: str, shift: SpectralShift, filename_prefix: str, dtype: str = "float16") -> str:

@@ -144,6 +144,20 @@ def _padded(shift: SpectralShift, key: str, n: int) -> torch.Tensor:
     return out
 
 
+def weighted_delta_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Eq. 4 for one weight: sum_i w_i delta_i in float32, on the first delta's device.
+
+    Rank-limited deltas (appendix E.1) are shorter than the number of singular values; a
+    shorter delta counts as zero beyond its length.  With the weights as the strengths s_i
+    of appendix E.3, ReLU(sigma + sum_i s_i delta_i) is the composed shift.
+    """
+    n = max(int(d.shape[0]) for d in deltas)
+    out = torch.zeros(n, dtype=torch.float32, device=deltas[0].device)
+    for d, w in zip(deltas, weights):
+        out[: d.shape[0]] += float(w) * d.float().to(out.device)
+    return out
+
+
 def _finish(deltas: dict, shapes: dict, meta: dict) -> SpectralShift:
     ranks = set()
     for k, d in deltas.items():

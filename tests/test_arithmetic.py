@@ -183,13 +183,23 @@ def test_apply_combined_equals_merged_delta_not_stacked(tiny):
     got = _weights_after(m_comb, key)
     expect = W + (U * (torch.relu(S + (d_a + d_b).double()) - S)) @ Vh
     assert torch.allclose(got, expect, atol=2e-3), (got - expect).abs().max()
-    # two stacked patches: each adds its own ReLU residual
+    # two Apply Spectral Shift nodes in a row compose as Eq. 4 too (one ReLU over the summed
+    # deltas), not W + R_a + R_b with a ReLU each, which the clamp would make differ
+    notes = []
     m_a, _ = shifts_mod.apply_shift("t", mp, None, a, 1.0, 1.0, "a")
-    m_ab, _ = shifts_mod.apply_shift("t", m_a, None, b, 1.0, 1.0, "b")
+    m_ab, _ = shifts_mod.apply_shift("t", m_a, None, b, 1.0, 1.0, "b", notes)
     stacked = _weights_after(m_ab, key)
+    assert torch.allclose(stacked, expect, atol=2e-3), (stacked - expect).abs().max()
     expect_stacked = W + (U * (torch.relu(S + d_a.double()) - S)) @ Vh + (U * (torch.relu(S + d_b.double()) - S)) @ Vh
-    assert torch.allclose(stacked, expect_stacked, atol=2e-3)
-    assert (stacked - got).abs().max() > 0.1  # the ReLU clamp makes them differ
+    assert (expect_stacked - expect).abs().max() > 0.1  # the clamp: stacking would have been visibly wrong
+    assert any("Eq. 4" in n for n in notes)
+    # strengths are the s_i of appendix E.3: 0.5*a then 2*b is ReLU(sigma + 0.5 d_a + 2 d_b)
+    m_a2, _ = shifts_mod.apply_shift("t", mp, None, a, 0.5, 1.0, "a")
+    m_ab2, _ = shifts_mod.apply_shift("t", m_a2, None, b, 2.0, 1.0, "b")
+    expect2 = W + (U * (torch.relu(S + (0.5 * d_a + 2 * d_b).double()) - S)) @ Vh
+    assert torch.allclose(_weights_after(m_ab2, key), expect2, atol=2e-3)
+    # the first patched model is unchanged by the second node
+    assert torch.allclose(_weights_after(m_a, key), W + (U * (torch.relu(S + d_a.double()) - S)) @ Vh, atol=2e-3)
     import comfy.model_management as mm
 
     mm.unload_all_models()
