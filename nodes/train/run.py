@@ -24,7 +24,7 @@ from ...svdiff.cutmix import CutMixTrainingSet
 from ...svdiff.shift import SpectralShift
 from ...svdiff.subsets import select
 from .. import comfy_compat as compat
-from ..adapter import UNET_PREFIX, architecture_of, combined_fingerprint, shiftable_shapes
+from ..adapter import UNET_PREFIX, architecture_of, carried_shift_keys, combined_fingerprint, shiftable_shapes
 from ..attention_capture import AttentionCapture
 from ..common import check_interrupt, log, progress, resolve_file
 from ..shifts import apply_shift, read_shift_file, save_shift_numbered
@@ -99,8 +99,19 @@ def _text_encoder_clone(run: Run, clip, s: TrainSettings, notes: list) -> None:
     run.te = te
 
 
+def _note_carried_shifts(model, clip, train_te: bool, notes: list) -> None:
+    """Training on a MODEL/CLIP that already carries a spectral shift stacks the new one on it."""
+    for what, patcher in (("model", model), ("clip", clip.patcher if train_te else None)):
+        carried = carried_shift_keys(patcher) if patcher is not None else []
+        if carried:
+            notes.append(f"{what}: the {what.upper()} already carries a spectral shift on {len(carried)} weights; the trained "
+                         "shift is learnt on top of it (W + R1 + R2, not Eq. 4's ReLU(sigma + delta1 + delta2)) and saved "
+                         "alone. Connect the unshifted one to train from the base; merge shifts with Combine/Scale Shifts.")
+
+
 def build_run(model, clip, s: TrainSettings, train_te: bool, notes: list, resolutions) -> Run:
     """Training clones of MODEL (and CLIP when its text encoder trains) with delta parameters."""
+    _note_carried_shifts(model, clip, train_te, notes)
     run = _unet_clone(model, s, notes, resolutions)
     if train_te:
         _text_encoder_clone(run, clip, s, notes)
@@ -327,11 +338,18 @@ def _check_inputs(inputs: dict) -> tuple:
     return s, resolutions
 
 
-def _optimizer(s: TrainSettings, run: Run, opt_tensors: dict):
+def _optimizer(s: TrainSettings, run: Run, opt_tensors: dict, notes: list):
     te = run.te
-    optimizer = training.make_optimizer(s.optimizer, run.unet.spectral_params() + (te.spectral_params() if te else []),
-                                        run.unet.vector_params() + (te.vector_params() if te else []),
-                                        s.learning_rate, s.learning_rate_1d)
+    spectral = run.unet.spectral_params() + (te.spectral_params() if te else [])
+    vectors = run.unet.vector_params() + (te.vector_params() if te else [])
+    lr_1d = s.learning_rate_1d
+    if not spectral:
+        # only additive 1-D shifts train (subset UNet-1D): learning_rate_1d (1e-6, meant for the norm
+        # scales beside the spectral shifts) would move them by about 5e-4 in 500 Adam steps
+        lr_1d = s.learning_rate
+        notes.append(f"subset {s.subset}: only 1-D weights train, so they use learning_rate ({s.learning_rate:g}); "
+                     "learning_rate_1d is not used (the paper's faster setting uses 2e-3 for 1-D weights, appendix D.2)")
+    optimizer = training.make_optimizer(s.optimizer, spectral, vectors, s.learning_rate, lr_1d)
     if opt_tensors:
         training.restore_optimizer(optimizer, run.params, opt_tensors)
     return optimizer
@@ -353,7 +371,7 @@ def train(node_inputs: dict) -> TrainResult:
         run = build_run(model, clip, s, d.train_te, notes, resolutions)
         recorded = recorded_settings(s, run, d.route, target, prior.cutmix_meta, resolutions)
         start, opt_tensors = resume(s, run.params, recorded, notes)
-        optimizer = _optimizer(s, run, opt_tensors)
+        optimizer = _optimizer(s, run, opt_tensors, notes)
         writer = ShiftWriter(run, optimizer, _metadata(model, s, run, d.route, node_inputs.get("training_set")), recorded, s)
         loss_map = {"loss": []}
         pbar = progress(max(1, s.steps))
@@ -382,8 +400,9 @@ def _without_fp(shift: SpectralShift) -> SpectralShift:
 def _finish(node_inputs: dict, run: Run, writer: ShiftWriter, done: int, t0: float, loss_map: dict, notes: list, d, prior):
     shift = writer.current(done)
     shift.metadata["training"]["seconds"] = round(time.perf_counter() - t0, 3)
+    # stacked, not composed: the output is the model the shift was trained on (see _note_carried_shifts)
     out_model, out_clip = apply_shift(NODE, node_inputs["model"], node_inputs.get("clip"), _without_fp(shift), 1.0, 1.0,
-                                      "the trained shift")
+                                      "the trained shift", compose=False)
     if run.capture is not None:
         run.capture.clear()
     report = {"notes": notes, "routes": run.unet.routes(), "saved": writer.saved, "steps": done, "missing": run.unet.missing,
