@@ -14,6 +14,7 @@ Plain PyTorch.
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -76,6 +77,35 @@ def make_optimizer(name: str, spectral: list, vectors: list, lr: float, lr_1d: f
     if name == "SGD":
         return torch.optim.SGD(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; one of {OPTIMIZERS}")
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """Multiplier of the base learning rates for optimizer step ``step`` (0-based) of ``total``.
+
+    Warmup: (step + 1) / warmup for the first ``warmup`` steps (never 0).  Then, with
+    p = (step - warmup) / (total - warmup) in [0, 1): "constant" 1, "linear" 1 - p, "cosine"
+    (1 + cos(pi p)) / 2.  A pure function of the step, so a resumed run continues the schedule
+    exactly.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; one of {LR_SCHEDULES}")
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    p = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return 1.0 - p
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def set_learning_rates(optimizer, base_lrs: list, factor: float) -> None:
+    """Each parameter group's learning rate = its base rate * ``factor`` (exactly the base at 1)."""
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base if factor == 1.0 else base * factor
 
 
 def state_path_for(shift_path: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ...svdiff import training
+from ...svdiff.training import LR_SCHEDULES
 from ...svdiff.subsets import SUBSET_NAMES
 from ..common import CATEGORY, SpectralShiftType, TrainingSetType, shift_files
 from .run import train
@@ -53,6 +54,15 @@ class SVDiffTrain(io.ComfyNode):
                 io.Int.Input("batch_size", default=DEFAULTS.batch_size, min=1, max=64, tooltip="Instance images per step (as many prior images are added when prior_weight > 0)."),
                 io.Float.Input("learning_rate", default=DEFAULTS.learning_rate, min=0.0, max=1.0, step=0.00001, tooltip="Learning rate of the spectral shifts (paper: 1e-3). When only 1-D weights train (subset UNet-1D) it is their learning rate too."),
                 io.Float.Input("learning_rate_1d", default=DEFAULTS.learning_rate_1d, min=0.0, max=1.0, step=0.000001, tooltip="Learning rate of the additive shifts of 1-D weights (norm scales) beside the spectral shifts (paper: 1e-6). 0 freezes them. Not used when only 1-D weights train (subset UNet-1D): then learning_rate applies (the paper's faster setting uses 2e-3 for 1-D weights, appendix D.2)."),
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default=DEFAULTS.lr_schedule,
+                               tooltip="Learning-rate schedule over the run's optimizer steps (resumed steps included): constant, "
+                                       "linear decay to 0 or cosine decay to 0, after the warmup. Resumed exactly by resume_from."),
+                io.Int.Input("warmup_steps", default=DEFAULTS.warmup_steps, min=0, max=100000,
+                             tooltip="Optimizer steps over which the learning rates rise linearly to their value (0 = none). "
+                                     "Must be fewer than the run's steps."),
+                io.Int.Input("grad_accumulation", default=DEFAULTS.grad_accumulation, min=1, max=256,
+                             tooltip="Micro-batches per optimizer step: each step averages the gradients of this many batches "
+                                     "(effective batch = batch_size x this; one step then costs as many forward/backward passes)."),
                 io.Combo.Input("optimizer", options=list(training.OPTIMIZERS), default=DEFAULTS.optimizer, tooltip="Optimizer for the shifts."),
                 io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the noise, timesteps, data order and generated prior images (same seed, same result on the CPU)."),
                 io.Int.Input("resolution", default=DEFAULTS.resolution, min=64, max=4096, step=64, tooltip="Training resolution in pixels (a multiple of 64)."),

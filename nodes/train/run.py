@@ -125,7 +125,7 @@ def build_run(model, clip, s: TrainSettings, train_te: bool, notes: list, resolu
 # Resumed state
 # ---------------------------------------------------------------------------------------
 RESUME_COMPARED = ["subset", "rank", "optimizer", "seed", "batch_size", "train_text_encoder", "cutmix", "unmix_weight",
-                   "attention_reg_weight"]
+                   "attention_reg_weight", "lr_schedule", "warmup_steps", "grad_accumulation"]
 
 
 def _resumed_deltas(resume: str, recorded: dict, notes: list) -> tuple:
@@ -134,7 +134,7 @@ def _resumed_deltas(resume: str, recorded: dict, notes: list) -> tuple:
     if not os.path.isfile(spath):
         sh = read_shift_file(NODE, rpath)
         notes.append(f"resume_from: {resume} has no training state beside it; starting from its delta with a fresh optimizer at step 0")
-        return 0, {k: sh.deltas[k].float() for k in sh.deltas}, {}
+        return 0, {k: sh.deltas[k].float() for k in sh.deltas}, {}, {}
     try:
         start, deltas, opt_tensors, saved = training.load_training_state(spath)
     except Exception as e:  # a damaged or foreign file, whatever the reader trips over: named, never a traceback
@@ -142,7 +142,7 @@ def _resumed_deltas(resume: str, recorded: dict, notes: list) -> tuple:
     diff = training.settings_mismatch(saved, recorded, RESUME_COMPARED)
     if diff:
         notes.append(f"resume_from: settings differ from the saved run ({', '.join(diff)}); resuming anyway, the result will not match an uninterrupted run")
-    return start, deltas, opt_tensors
+    return start, deltas, opt_tensors, saved
 
 
 @torch.no_grad()
@@ -162,7 +162,11 @@ def resume(s: TrainSettings, params: dict, recorded: dict, notes: list) -> tuple
     """(start step, optimizer tensors) of ``resume_from``, its deltas copied into ``params``."""
     if s.resume_from == NONE:
         return 0, {}
-    start, deltas, opt_tensors = _resumed_deltas(s.resume_from, recorded, notes)
+    start, deltas, opt_tensors, saved = _resumed_deltas(s.resume_from, recorded, notes)
+    horizon = saved.get("schedule_steps")
+    if horizon and horizon != start + s.steps and (s.lr_schedule != "constant" or s.warmup_steps):
+        notes.append(f"resume_from: the saved run planned {horizon} steps and this one ends at {start + s.steps}; the "
+                     f"{s.lr_schedule} schedule follows the new end, so the result differs from one uninterrupted run")
     missing = [k for k in params if k not in deltas]
     extra = [k for k in deltas if k not in params]
     if extra:
@@ -180,7 +184,8 @@ def recorded_settings(s: TrainSettings, run: Run, route: str, target: str, cutmi
         "optimizer": s.optimizer, "seed": s.seed, "batch_size": s.batch_size, "prior_weight": s.prior_weight,
         "resolution": s.resolution, "train_text_encoder": run.te is not None,
         "prompt": s.prompt if route != "cutmix" else "", "class_prompt": s.class_prompt if route != "cutmix" else "",
-        "target": target,
+        "target": target, "lr_schedule": s.lr_schedule, "warmup_steps": s.warmup_steps,
+        "grad_accumulation": s.grad_accumulation,
     }
     if cutmix_meta is not None:
         out["cutmix"] = cutmix_meta
@@ -200,6 +205,7 @@ class ShiftWriter:
     def __init__(self, run: Run, optimizer, metadata: dict, recorded: dict, s: TrainSettings):
         self.run, self.optimizer, self.metadata, self.recorded, self.s = run, optimizer, metadata, recorded, s
         self.saved: list = []
+        self.total_steps = 0  # the schedule's horizon, recorded in the training state
 
     def current(self, step_done: int) -> SpectralShift:
         run = self.run
@@ -208,14 +214,15 @@ class ShiftWriter:
         if run.te is not None:
             shapes.update(run.te.shapes)
         meta = dict(self.metadata)
-        meta["training"] = dict(self.recorded, steps=step_done, routes=run.unet.routes(), lr_schedule="constant")
+        meta["training"] = dict(self.recorded, steps=step_done, routes=run.unet.routes())
         sh = SpectralShift(deltas, shapes, meta)
         sh.add_history("train", steps=step_done, subset=self.s.subset, rank=self.s.rank)
         return sh
 
     def save(self, step_done: int) -> None:
         path = save_shift_numbered(NODE, self.current(step_done), self.s.filename_prefix)
-        training.save_training_state(training.state_path_for(path), step_done, self.run.params, self.optimizer, self.recorded)
+        training.save_training_state(training.state_path_for(path), step_done, self.run.params, self.optimizer,
+                                     dict(self.recorded, schedule_steps=self.total_steps))
         self.saved.append(path)
         log.info("[%s] saved %s at step %d", NODE, os.path.basename(path), step_done)
 
@@ -242,6 +249,8 @@ class StepContext:
     positions_of: object = None
     single_pos: object = None
     resolutions: object = None
+    base_lrs: list = field(default_factory=list)   # each parameter group's rate before the schedule
+    total_steps: int = 0                           # the schedule's horizon: resumed + new steps
 
     @property
     def device(self):
@@ -274,10 +283,10 @@ def _predict(ctx: StepContext, batch, noise, sigma) -> tuple:
     return torch.cat(outs, 0), maps
 
 
-def train_step(ctx: StepContext, batch, step: int) -> float:
-    """One optimizer step on ``batch``: Eq. 3 (+ the attention losses); returns the loss."""
+def micro_loss(ctx: StepContext, batch, micro: int, step: int) -> torch.Tensor:
+    """Eq. 3 (+ the attention losses) of one micro-batch; ``micro`` keys its noise and timesteps."""
     s, x0 = ctx.s, batch.x0
-    g = training.generator(s.seed, step, training.STREAM_NOISE)
+    g = training.generator(s.seed, micro, training.STREAM_NOISE)
     noise = torch.randn(x0.shape, generator=g).to(ctx.device)
     tidx = training.timestep_draw(g, x0.shape[0], len(ctx.sigmas)).to(ctx.device)
     sigma = ctx.sigmas[tidx].float()
@@ -291,10 +300,25 @@ def train_step(ctx: StepContext, batch, step: int) -> float:
         loss = loss + attention_loss(concat_maps(maps), ctx.run.capture.shapes(), batch, s, ctx)
     if not torch.isfinite(loss):
         raise err("learning_rate", f"the loss became {float(loss)} at step {step + 1}; lower the learning rate or use fp32")
+    return loss
+
+
+def train_step(ctx: StepContext, source, step: int) -> float:
+    """One optimizer step: ``grad_accumulation`` micro-batches (micro-step index
+    step * grad_accumulation + m picks their data and noise), their mean loss backpropagated,
+    the learning rate of the schedule at ``step``; returns the mean loss."""
+    acc = ctx.s.grad_accumulation
     ctx.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = 0.0
+    for m in range(acc):
+        micro = step * acc + m
+        loss = micro_loss(ctx, source.batch(micro), micro, step)
+        (loss / acc if acc > 1 else loss).backward()
+        total += float(loss.detach())
+    training.set_learning_rates(ctx.optimizer, ctx.base_lrs,
+                                training.lr_factor(ctx.s.lr_schedule, step, ctx.total_steps, ctx.s.warmup_steps))
     ctx.optimizer.step()
-    return float(loss.detach())
+    return total / acc
 
 
 def _run_steps(ctx: StepContext, source, writer: ShiftWriter, start: int, steps: int, pbar, t0: float) -> None:
@@ -302,7 +326,7 @@ def _run_steps(ctx: StepContext, source, writer: ShiftWriter, start: int, steps:
         for i in range(steps):
             check_interrupt()
             step = start + i
-            lv = train_step(ctx, source.batch(step), step)
+            lv = train_step(ctx, source, step)
             ctx.loss_map["loss"].append(lv)
             pbar.update_absolute(i + 1, steps)
             if (i + 1) % 10 == 0 or i == 0 or i + 1 == steps:
@@ -373,6 +397,10 @@ def train(node_inputs: dict) -> TrainResult:
         start, opt_tensors = resume(s, run.params, recorded, notes)
         optimizer = _optimizer(s, run, opt_tensors, notes)
         writer = ShiftWriter(run, optimizer, _metadata(model, s, run, d.route, node_inputs.get("training_set")), recorded, s)
+        writer.total_steps = start + s.steps
+        if s.steps and s.warmup_steps >= start + s.steps:
+            raise err("warmup_steps", f"{s.warmup_steps} warmup steps leave no step at the full learning rate in a run that "
+                                      f"ends at step {start + s.steps}; use fewer warmup steps")
         loss_map = {"loss": []}
         pbar = progress(max(1, s.steps))
         t0 = time.perf_counter()
@@ -383,7 +411,7 @@ def train(node_inputs: dict) -> TrainResult:
                 source = make_source(run, d, prior, s, check_clip)
                 ctx = StepContext(run, s, optimizer, ms.sigmas.detach().clone().to(run.device), target, sigma_data,
                                   run.mp.model_options.get("transformer_options", {}), loss_map, positions_of(d),
-                                  single_pos, resolutions)
+                                  single_pos, resolutions, [g["lr"] for g in optimizer.param_groups], start + s.steps)
                 _run_steps(ctx, source, writer, start, s.steps, pbar, t0)
         finally:
             _unload(run.mp)

@@ -9,6 +9,7 @@ import torch
 
 from ...svdiff import layers as L
 from ...svdiff.subsets import SUBSET_NAMES
+from ...svdiff.training import LR_SCHEDULES
 from ..common import SVDiffNodeError
 
 NODE = "SVDiff Train"
@@ -45,6 +46,9 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     training_dtype: str = "auto"
     side_path: str = "auto"
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_accumulation: int = 1
     save_every: int = 0
     filename_prefix: str = "svdiff/train"
     resume_from: str = NONE
@@ -72,6 +76,7 @@ class TrainSettings:
             prior_steps=int(self.prior_steps), rank=int(self.rank), steps=int(self.steps), batch_size=int(self.batch_size),
             seed=int(self.seed), resolution=int(self.resolution), save_every=int(self.save_every or 0),
             filename_prefix=self.filename_prefix or "svdiff/train", resume_from=self.resume_from or NONE,
+            warmup_steps=int(self.warmup_steps), grad_accumulation=int(self.grad_accumulation),
             unmix_weight=float(self.unmix_weight), attention_reg_weight=float(self.attention_reg_weight),
             attention_threshold=float(self.attention_threshold),
         )
@@ -94,12 +99,21 @@ class TrainSettings:
             raise err("subset", f"unknown subset {self.subset!r}; one of {', '.join(SUBSET_NAMES)}")
         if int(self.rank) < 0:
             raise err("rank", f"must be >= 0 (0 = all singular values), got {int(self.rank)}")
+        self._validate_schedule()
         for field, v in (("unmix_weight", self.unmix_weight), ("attention_reg_weight", self.attention_reg_weight)):
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise err(field, f"must be a finite number >= 0 (0 = off), got {v}")
         t = self.attention_threshold
         if not isinstance(t, (int, float)) or not 0.0 <= t < 1.0:
             raise err("attention_threshold", f"must be in [0, 1) (a fraction of the class token's peak attention), got {t}")
+
+    def _validate_schedule(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise err("lr_schedule", f"unknown schedule {self.lr_schedule!r}; one of {', '.join(LR_SCHEDULES)}")
+        if int(self.warmup_steps) < 0:
+            raise err("warmup_steps", f"must be >= 0, got {int(self.warmup_steps)}")
+        if int(self.grad_accumulation) < 1:
+            raise err("grad_accumulation", f"must be >= 1 (micro-batches per optimizer step), got {int(self.grad_accumulation)}")
 
     @property
     def force_route(self):

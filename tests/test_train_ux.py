@@ -1,0 +1,77 @@
+"""SVDiff Train for users: learning-rate schedules and gradient accumulation (resumed exactly)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from svdiff_testkit.comfy_env import pack_module
+
+NONE = "[None]"
+
+
+def _inputs(ckpt, **kw):
+    model, clip, vae = ckpt
+    g = torch.Generator().manual_seed(0)
+    a = dict(model=model, clip=clip, vae=vae, images=[torch.rand(3, 64, 64, 3, generator=g)], prompt="photo of a sks dog",
+             class_prompt="photo of a dog", prior_weight=0.0, subset="UNet-CA", rank=0, steps=4, batch_size=1,
+             learning_rate=2e-2, learning_rate_1d=1e-4, optimizer="AdamW", seed=3, resolution=64, save_every=0,
+             resume_from=NONE)
+    a.update(kw)
+    return a
+
+
+def _train(a):
+    with torch.inference_mode():
+        return pack_module("nodes.train").train(a)
+
+
+def _same(a, b) -> bool:
+    return set(a.deltas) == set(b.deltas) and all(torch.equal(a.deltas[k], b.deltas[k]) for k in a.deltas)
+
+
+def test_lr_factor_shapes():
+    import svdiff.training as T
+
+    assert [T.lr_factor("constant", s, 10, 0) for s in range(3)] == [1.0, 1.0, 1.0]
+    assert [T.lr_factor("linear", s, 4, 2) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]
+    c = [T.lr_factor("cosine", s, 6, 0) for s in range(6)]
+    assert c[0] == 1.0 and all(a > b for a, b in zip(c, c[1:])) and c[-1] > 0
+    with pytest.raises(ValueError):
+        T.lr_factor("step", 0, 4, 0)
+
+
+def test_schedule_and_accumulation_change_training_and_resume_bit_exactly(tiny_checkpoint, shift_dir):
+    kw = dict(lr_schedule="cosine", warmup_steps=1, grad_accumulation=2)
+    full = _train(_inputs(tiny_checkpoint, **kw))
+    plain = _train(_inputs(tiny_checkpoint))
+    acc_only = _train(_inputs(tiny_checkpoint, grad_accumulation=2))
+    cos_only = _train(_inputs(tiny_checkpoint, lr_schedule="cosine"))
+    assert not _same(full.shift, plain.shift) and not _same(acc_only.shift, plain.shift) and not _same(cos_only.shift, plain.shift)
+    assert len(full.loss_map["loss"]) == 4  # one value per optimizer step
+    assert full.shift.metadata["training"]["lr_schedule"] == "cosine"
+    assert full.shift.metadata["training"]["grad_accumulation"] == 2
+    half = _train(_inputs(tiny_checkpoint, steps=2, save_every=2, filename_prefix="svdiff/test_sched", **kw))
+    rel = os.path.relpath(half.report["saved"][-1], shift_dir)
+    # the first half of the schedule's horizon: resume for the other half
+    resumed = _train(_inputs(tiny_checkpoint, steps=2, resume_from=rel, **kw))
+    assert resumed.steps == 4
+    assert not _same(half.shift, full.shift)  # a 2-step run has its own (shorter) cosine horizon...
+    half4 = _train(_inputs(tiny_checkpoint, steps=4, save_every=2, filename_prefix="svdiff/test_sched4", **kw))
+    rel2 = os.path.relpath(half4.report["saved"][0], shift_dir)  # ...so resume from the step-2 save of a 4-step run
+    resumed2 = _train(_inputs(tiny_checkpoint, steps=2, resume_from=rel2, **kw))
+    assert _same(resumed2.shift, full.shift)
+    assert resumed2.loss_map["loss"] == full.loss_map["loss"][2:]
+    assert any("planned 2 steps" in n for n in resumed.report["notes"])  # the horizon changed: said
+
+
+def test_schedule_settings_that_cannot_work_are_refused(tiny_checkpoint):
+    err = pack_module("nodes.common").SVDiffNodeError
+    with pytest.raises(err, match=r"\[SVDiff Train\] warmup_steps: 4 warmup steps leave no step"):
+        _train(_inputs(tiny_checkpoint, warmup_steps=4))
+    with pytest.raises(err, match=r"\[SVDiff Train\] grad_accumulation: must be >= 1"):
+        _train(_inputs(tiny_checkpoint, grad_accumulation=0))
+    with pytest.raises(err, match=r"\[SVDiff Train\] lr_schedule: unknown schedule 'step'"):
+        _train(_inputs(tiny_checkpoint, lr_schedule="step"))
