@@ -75,3 +75,29 @@ def test_schedule_settings_that_cannot_work_are_refused(tiny_checkpoint):
         _train(_inputs(tiny_checkpoint, grad_accumulation=0))
     with pytest.raises(err, match=r"\[SVDiff Train\] lr_schedule: unknown schedule 'step'"):
         _train(_inputs(tiny_checkpoint, lr_schedule="step"))
+
+
+CAPTIONS = "photo of a sks dog on grass\nphoto of a sks dog, red background\nphoto of a sks dog at night"
+
+
+def test_captions_reach_the_loss_with_text_encoder_training_and_eq10(tiny_checkpoint):
+    plain = _train(_inputs(tiny_checkpoint, steps=2))
+    capt = _train(_inputs(tiny_checkpoint, steps=2, captions=CAPTIONS))
+    assert not _same(plain.shift, capt.shift)
+    same_as_prompt = "\n".join(["photo of a sks dog"] * 3)
+    assert _same(_train(_inputs(tiny_checkpoint, steps=2, captions=same_as_prompt)).shift, plain.shift)
+    assert capt.shift.metadata["training"]["captions"] == CAPTIONS
+    full = _train(_inputs(tiny_checkpoint, steps=2, captions=CAPTIONS, train_text_encoder=True, attention_reg_weight=50.0,
+                          batch_size=2, prior_weight=1.0, num_prior_images=2, prior_steps=2))
+    assert any(k.startswith("clip_l.") for k in full.shift.deltas)
+    assert len(full.loss_map["attention_reg"]) == 2 and all(v > 0 for v in full.loss_map["attention_reg"])
+
+
+def test_bad_captions_name_the_field(tiny_checkpoint):
+    err = pack_module("nodes.common").SVDiffNodeError
+    with pytest.raises(err, match=r"\[SVDiff Train\] captions: 2 caption lines for 3 images"):
+        _train(_inputs(tiny_checkpoint, captions="photo of a sks dog\nphoto of a sks dog"))
+    with pytest.raises(err, match=r"\[SVDiff Train\] captions: line 2 is empty"):
+        _train(_inputs(tiny_checkpoint, captions="photo of a sks dog\n\nphoto of a sks dog"))
+    with pytest.raises(err, match=r"\[SVDiff Train\] captions: line 3 \('a dog'\) lacks the instance token 'sks'"):
+        _train(_inputs(tiny_checkpoint, captions="photo of a sks dog\na sks dog\na dog"))

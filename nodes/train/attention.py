@@ -80,19 +80,20 @@ def unmix_term(maps: dict, shapes: dict, samples: list, positions_of, device) ->
     return attn.unmix_loss(select_maps(maps, mixed), ids, stack_masks(ms).to(device), shapes)
 
 
-def eq10_term(maps: dict, samples: Optional[list], n_instance: int, positions_of, single_pos, threshold: float):
+def eq10_term(maps: dict, samples: Optional[list], cond_ids: Optional[list], positions_of, single_pos, threshold: float):
     """Appendix D.1's Eq. 10 over the single-subject instance samples (None: there are none).
 
-    ``samples``: the step's Cut-Mix instance samples, or None for the images route, where all
-    ``n_instance`` samples share ``single_pos`` = (special-token positions, class-word positions).
+    ``samples``: the step's Cut-Mix instance samples, or None for the images route, where
+    instance sample j has the prompt (or caption) ``cond_ids[j]`` and ``single_pos[c]`` =
+    (special-token positions, class-word positions) of prompt c.
     """
     if samples is not None:
         single = [j for j, s in enumerate(samples) if not s.mixed]
         sp = [positions_of(samples[j].prompt, samples[j].tokens[0], "the token") for j in single]
         cp = [positions_of(samples[j].prompt, samples[j].class_words[0], "the class word") for j in single]
     else:
-        single = list(range(n_instance))
-        sp, cp = [single_pos[0]] * n_instance, [single_pos[1]] * n_instance
+        single = list(range(len(cond_ids)))
+        sp, cp = [single_pos[c][0] for c in cond_ids], [single_pos[c][1] for c in cond_ids]
     if not single:
         return None
     return attn.attention_reg_loss(select_maps(maps, single), sp, cp, threshold)
@@ -116,7 +117,7 @@ def attention_loss(maps: dict, shapes: dict, batch, s, ctx) -> torch.Tensor | fl
             total = total + s.unmix_weight * lu
         ctx.loss_map.setdefault("unmix", []).append(float(lu.detach()) if lu is not None else 0.0)
     if s.attention_reg_weight > 0:
-        lr = eq10_term(maps, batch.samples, batch.n_instance, ctx.positions_of, ctx.single_pos, s.attention_threshold)
+        lr = eq10_term(maps, batch.samples, batch.cond_ids, ctx.positions_of, ctx.single_pos, s.attention_threshold)
         if lr is not None:
             total = total + s.attention_reg_weight * lr
         ctx.loss_map.setdefault("attention_reg", []).append(float(lr.detach()) if lr is not None else 0.0)

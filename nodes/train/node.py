@@ -38,6 +38,10 @@ class SVDiffTrain(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="The 3-5 subject photos (any sizes: each is resized on the shorter side and centre-cropped to resolution)."),
                 io.String.Input("prompt", default=DEFAULTS.prompt, multiline=True,
                                 tooltip="Instance prompt with a rare identifier, e.g. 'photo of a sks dog' (for single-image editing: a plain description)."),
+                io.String.Input("captions", default=DEFAULTS.captions, multiline=True,
+                                tooltip="Optional: one caption per subject image, one line each in the images' order, each with the "
+                                        "prompt's instance token (e.g. 'photo of a sks dog on a sofa'); replaces the prompt for that "
+                                        "image. Empty: every image uses the prompt. Prior preservation keeps the class prompt."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder of the same checkpoint: encodes the prompts; trained too when train_text_encoder is on."),
                 io.Boolean.Input("train_text_encoder", default=DEFAULTS.train_text_encoder, tooltip="Also train spectral shifts of the text encoder's layers (needs clip and images)."),
                 io.Latent.Input("latents", optional=True, tooltip="Pre-encoded training latents (list from Make/Load Training Dataset) instead of images."),

@@ -184,6 +184,7 @@ def recorded_settings(s: TrainSettings, run: Run, route: str, target: str, cutmi
         "optimizer": s.optimizer, "seed": s.seed, "batch_size": s.batch_size, "prior_weight": s.prior_weight,
         "resolution": s.resolution, "train_text_encoder": run.te is not None,
         "prompt": s.prompt if route != "cutmix" else "", "class_prompt": s.class_prompt if route != "cutmix" else "",
+        "captions": s.captions.strip() if route == "images" and s.captions.strip() else "",
         "target": target, "lr_schedule": s.lr_schedule, "warmup_steps": s.warmup_steps,
         "grad_accumulation": s.grad_accumulation,
     }

@@ -29,6 +29,7 @@ class TrainSettings:
     """Every scalar input of SVDiff Train with its default (the node's schema reads them here)."""
 
     prompt: str = "photo of a sks dog"
+    captions: str = ""
     class_prompt: str = "photo of a dog"
     train_text_encoder: bool = False
     prior_weight: float = 1.0
@@ -70,7 +71,7 @@ class TrainSettings:
 
     def converted(self) -> dict:
         return dict(
-            prompt=str(self.prompt or ""), class_prompt=str(self.class_prompt or ""),
+            prompt=str(self.prompt or ""), class_prompt=str(self.class_prompt or ""), captions=str(self.captions or ""),
             train_text_encoder=bool(self.train_text_encoder), gradient_checkpointing=bool(self.gradient_checkpointing),
             prior_weight=float(self.prior_weight), num_prior_images=int(self.num_prior_images),
             prior_steps=int(self.prior_steps), rank=int(self.rank), steps=int(self.steps), batch_size=int(self.batch_size),

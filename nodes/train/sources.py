@@ -35,6 +35,7 @@ class Batch(NamedTuple):
     kw_parts: list
     n_instance: int
     samples: Optional[list]
+    cond_ids: Optional[list] = None  # images/latents routes: the conditioning index of each instance sample
 
 
 @dataclass
@@ -45,6 +46,7 @@ class InstanceData:
     cond_idx: list             # entry index of every latent
     cutmix: Optional[CutMixData] = None
     train_te: bool = False
+    prompts: Optional[list] = None   # images route: the text of each entry (the prompt, or one caption per image)
 
 
 class ClipCheck:
@@ -85,16 +87,41 @@ def _cutmix_instances(inputs: dict, s, check_clip, notes: list, images: list) ->
     return InstanceData("cutmix", latents, [check_clip(cutmix.cond(first.prompt))], [0], cutmix, s.train_text_encoder)
 
 
+def parse_captions(text: str, n_images: int, s) -> Optional[list]:
+    """One caption per image from a multiline text (None when it is empty).
+
+    Each caption must carry the instance prompt's special token(s) (the words the class prompt
+    lacks, e.g. 'sks'), so that the captions teach the same identifier.
+    """
+    if not (text or "").strip():
+        return None
+    lines = [ln.strip() for ln in str(text).strip("\n").split("\n")]
+    if len(lines) != n_images:
+        raise err("captions", f"{len(lines)} caption lines for {n_images} images; give one line per image, in the images' order")
+    specials = special_tokens(s.prompt, s.class_prompt)
+    for i, c in enumerate(lines):
+        if not c:
+            raise err("captions", f"line {i + 1} is empty; every image needs its caption")
+        words = set(special_tokens(c, ""))
+        missing = [w for w in specials if w not in words]
+        if missing:
+            raise err("captions", f"line {i + 1} ({c!r}) lacks the instance token {' '.join(missing)!r} of the prompt {s.prompt!r}")
+    return lines
+
+
 def _image_instances(inputs: dict, s, check_clip, notes: list, images: list) -> InstanceData:
     clip = inputs.get("clip")
     if clip is None:
         raise err("clip", "a CLIP is needed to encode the prompt of the images (or use latents + positive)")
     if not s.prompt.strip():
         raise err("prompt", "the instance prompt is empty")
+    captions = parse_captions(s.captions, len(images), s)
     pixels = prepare_images([im.clone() for im in images], s.resolution, "images", notes)
     latents = encode_images(inputs.get("vae"), pixels, "images")
-    entries = [check_clip(_clone_cond(encode_prompt(clip, s.prompt)))]
-    return InstanceData("images", latents, entries, [0] * latents.shape[0], None, s.train_text_encoder)
+    prompts = captions or [s.prompt]
+    entries = [check_clip(_clone_cond(encode_prompt(clip, p))) for p in prompts]
+    cond_idx = list(range(len(prompts))) if captions else [0] * latents.shape[0]
+    return InstanceData("images", latents, entries, cond_idx, None, s.train_text_encoder, prompts)
 
 
 def _flat_conditioning(positive_in: list) -> list:
@@ -148,9 +175,21 @@ def instance_data(inputs: dict, s, check_clip, notes: list) -> InstanceData:
     return d
 
 
+def _eq10_positions(clip, text: str, specials: list, class_word: str, field: str) -> tuple:
+    sp = sorted({p for w in specials for p in token_positions(clip, text, w)})
+    cp = token_positions(clip, text, class_word)
+    if not sp:
+        raise err(field, f"the special token(s) {specials} are not found by the CLIP tokenizer in {text!r}")
+    if not cp:
+        raise err("class_prompt" if field == "prompt" else field,
+                  f"the class word {class_word!r} is not found by the CLIP tokenizer in {text!r}")
+    return sp, cp
+
+
 def attention_positions(inputs: dict, s, d: InstanceData, notes: list):
-    """Check that the attention losses have what they need; the (special-token, class-word)
-    token positions of the instance prompt for Eq. 10 on the images route, else None."""
+    """Check that the attention losses have what they need; for Eq. 10 on the images route the
+    (special-token, class-word) token positions of each instance prompt (the prompt, or each
+    caption), else None."""
     clip, ts = inputs.get("clip"), inputs.get("training_set")
     if s.unmix_weight > 0 and d.route != "cutmix":
         raise err("unmix_weight", "the unmix regularisation needs a Cut-Mix training_set (two or more subjects in one "
@@ -161,13 +200,8 @@ def attention_positions(inputs: dict, s, d: InstanceData, notes: list):
     single_pos = None
     if s.attention_reg_weight > 0 and d.route == "images":
         specials, class_word = single_subject_words(s.prompt, s.class_prompt)
-        sp = sorted({p for w in specials for p in token_positions(clip, s.prompt, w)})
-        cp = token_positions(clip, s.prompt, class_word)
-        if not sp:
-            raise err("prompt", f"the special token(s) {specials} are not found by the CLIP tokenizer in {s.prompt!r}")
-        if not cp:
-            raise err("class_prompt", f"the class word {class_word!r} is not found by the CLIP tokenizer in {s.prompt!r}")
-        single_pos = (sp, cp)
+        single_pos = [_eq10_positions(clip, p, specials, class_word, "prompt" if p == s.prompt else "captions")
+                      for p in d.prompts]
     if d.route == "cutmix" and s.attention:
         for i, subj in enumerate(ts.subjects):
             p = single_prompt(subj)
@@ -271,14 +305,15 @@ class LatentSource:
         run, s = self.run, self.s
         if run.te is None:
             return [self.static_inst[self.d.cond_idx[j]] for j in idx], self.static_prior
-        entry = encode_prompt(run.clip_t, s.prompt, grad=True)
+        prompts = [self.d.prompts[self.d.cond_idx[j]] for j in idx]
+        enc = {p: encode_prompt(run.clip_t, p, grad=True) for p in dict.fromkeys(prompts)}
         pe = None
         if s.prior_weight > 0:
             pe = encode_prompt(run.clip_t, s.class_prompt, grad=True) if self.encode_prior else self.prior_entry
         mm.load_models_gpu([run.mp], force_full_load=True)
-        kw_inst = [model_kwargs(run.mp, entry, self.inst[:1])] * len(idx)
+        kw = {p: model_kwargs(run.mp, e, self.inst[:1]) for p, e in enc.items()}
         kw_prior = model_kwargs(run.mp, pe, self.inst[:1]) if s.prior_weight > 0 else None
-        return kw_inst, kw_prior
+        return [kw[p] for p in prompts], kw_prior
 
     def batch(self, step: int) -> Batch:
         s = self.s
@@ -290,7 +325,7 @@ class LatentSource:
             pidx = training.data_indices(s.seed, step, s.batch_size, self.n_prior, training.STREAM_PRIOR_DATA)
             x0_parts.append(self.prior[pidx])
             kw_parts += [kw_prior] * len(pidx)
-        return Batch(torch.cat(x0_parts, 0), kw_parts, len(idx), None)
+        return Batch(torch.cat(x0_parts, 0), kw_parts, len(idx), None, [self.d.cond_idx[j] for j in idx])
 
 
 class CutMixSource:
