@@ -402,3 +402,36 @@ def diffusers_unet_key_map(unet_config: dict) -> dict:
     """diffusers UNet parameter names -> ComfyUI names (``comfy.utils.unet_to_diffusers``; same
     in both versions for SD1.x/SD2.x/SDXL configurations)."""
     return comfy.utils.unet_to_diffusers(unet_config)
+
+
+# --------------------------------------------------------------------------------------
+# Node progress text
+# --------------------------------------------------------------------------------------
+def executing_node_id() -> Optional[str]:
+    """The id of the node the executor is running now, or None outside a prompt.
+
+    Touches ``comfy_execution.utils.get_executing_context`` (an ``ExecutionContext`` with
+    ``node_id`` in both versions).
+    """
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    ctx = get_executing_context()
+    return getattr(ctx, "node_id", None) if ctx is not None else None
+
+
+def progress_text(text: str, node_id: Optional[str] = None) -> bool:
+    """Show ``text`` on the running node in the editor (what core nodes do with
+    ``PromptServer.instance.send_progress_text``; same signature in both versions).
+    Returns False when there is no server (in-process runs, tests) or no node."""
+    node_id = node_id or executing_node_id()
+    try:
+        import server
+    except ImportError:
+        return False
+    inst = getattr(server.PromptServer, "instance", None)
+    if inst is None or node_id is None or not hasattr(inst, "send_progress_text"):
+        return False
+    inst.send_progress_text(text, node_id)
+    return True

@@ -234,24 +234,35 @@ class ShiftedLayer:
         return self
 
     def _decide(self, x: torch.Tensor) -> str:
+        """The layer's route, fixed by its first forward pass under autograd (the costs are those
+        of a training step).  A forward without gradients (a validation sample before the first
+        step) gets the route for its own token count without fixing it."""
+        if self.route is None and not torch.is_grad_enabled():
+            route = choose_route(int(self.shape[0]), int(self.Vh.shape[1]), int(self.delta.shape[0]), self._tokens(x),
+                                 self.force_route)
+            return "recompose" if self.kind == "conv2d" and self.geo.groups != 1 else route
         if self.route is None:
             m = int(self.shape[0])
             n = int(self.Vh.shape[1])
             r = int(self.delta.shape[0])
-            if self.kind == "linear":
-                tokens = x.numel() // max(1, int(x.shape[-1]))
-            else:
-                geo = self.geo
-                tokens = int(x.shape[0])
-                for i, size in enumerate(x.shape[2:]):
-                    k = int(self.shape[2 + i])
-                    tokens *= (int(size) + 2 * geo.padding[i] - geo.dilation[i] * (k - 1) - 1) // geo.stride[i] + 1
+            tokens = self._tokens(x)
             self.tokens = tokens
             self.costs = route_costs(m, n, r, tokens)
             self.route = choose_route(m, n, r, tokens, self.force_route)
             if self.kind == "conv2d" and self.geo.groups != 1:
                 self.route = "recompose"  # the side path assumes an ungrouped convolution
         return self.route
+
+    def _tokens(self, x: torch.Tensor) -> int:
+        """Positions the layer's weight is applied at for input ``x`` (rows of the matmul)."""
+        if self.kind == "linear":
+            return x.numel() // max(1, int(x.shape[-1]))
+        geo = self.geo
+        tokens = int(x.shape[0])
+        for i, size in enumerate(x.shape[2:]):
+            k = int(self.shape[2 + i])
+            tokens *= (int(size) + 2 * geo.padding[i] - geo.dilation[i] * (k - 1) - 1) // geo.stride[i] + 1
+        return tokens
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The shifted layer on input x, with the frozen (already cast) weight and bias."""

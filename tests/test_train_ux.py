@@ -101,3 +101,59 @@ def test_bad_captions_name_the_field(tiny_checkpoint):
         _train(_inputs(tiny_checkpoint, captions="photo of a sks dog\n\nphoto of a sks dog"))
     with pytest.raises(err, match=r"\[SVDiff Train\] captions: line 3 \('a dog'\) lacks the instance token 'sks'"):
         _train(_inputs(tiny_checkpoint, captions="photo of a sks dog\na sks dog\na dog"))
+
+
+def test_previews_at_the_requested_steps_and_they_never_change_training(tiny_checkpoint):
+    with_prev = _train(_inputs(tiny_checkpoint, steps=4, preview_every=2, validation_prompt="a sks dog"))
+    assert with_prev.report["preview_steps"] == [0, 2, 4]
+    prev = with_prev.report["previews"]
+    assert prev.shape == (3, 64, 64, 3) and float(prev.min()) >= 0 and float(prev.max()) <= 1
+    assert not torch.equal(prev[0], prev[2])  # the shift changed what the model draws
+    without = _train(_inputs(tiny_checkpoint, steps=4, preview_every=0))
+    assert without.report["preview_steps"] == [] and without.report["previews"].shape == (1, 64, 64, 3)
+    assert _same(with_prev.shift, without.shift)  # previews run without gradients and their own noise
+    # the first preview is the reference: the model before any step, whatever the learning rate
+    other_lr = _train(_inputs(tiny_checkpoint, steps=2, preview_every=2, validation_prompt="a sks dog", learning_rate=5e-2))
+    assert torch.equal(other_lr.report["previews"][0], prev[0])
+    assert not torch.equal(other_lr.report["previews"][1], prev[1])
+
+
+def test_graph_with_previews_captions_and_schedule_through_the_executor(tiny_checkpoint):
+    """SVDiff Train in a ComfyUI graph: previews reach ComfyUI's progress bar and the IMAGE
+    output, captions and the schedule come from the node's inputs."""
+    import comfy.utils
+    from svdiff_testkit import tiny
+    from svdiff_testkit import workflow as W
+    from svdiff_testkit.comfy_env import run_prompt
+
+    name = tiny.install_checkpoint("tiny_train.safetensors", seed=0)
+    previews = []
+
+    def hook(value, total, preview, node_id=None):
+        if preview is not None:
+            previews.append((value, total, preview[1].size))
+
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": 0x3366CC}},
+        "3": {"class_type": "SVDiffTrain", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "prompt": "photo of a sks dog",
+            "captions": "photo of a sks dog on grass\nphoto of a sks dog at night", "class_prompt": "photo of a dog",
+            "prior_weight": 0.0, "steps": 3, "resolution": 64, "learning_rate": 0.01, "lr_schedule": "cosine",
+            "warmup_steps": 1, "grad_accumulation": 2, "preview_every": 1, "validation_prompt": "a sks dog",
+            "subset": "UNet-CA", "save_every": 0}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 5]}},
+    }
+    prompt = W.fill_defaults(prompt, W.object_info())
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        ex, outputs = run_prompt(prompt, prompt_id="train_ux")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    assert ex.success, [m for m in ex.status_messages if m[0] == "execution_error"]
+    assert len(outputs["4"]["images"]) == 4  # steps 0, 1, 2, 3
+    shown = [p for p in previews if p[1] == 3]
+    assert [p[0] for p in shown] == [0, 1, 2, 3] and all(p[2] == (64, 64) for p in shown)
+    text = outputs["3"]["text"][0] if "text" in outputs.get("3", {}) else ""
+    assert "previews at steps 0, 1, 2, 3" in text

@@ -74,6 +74,15 @@ class SVDiffTrain(io.ComfyNode):
                 io.Combo.Input("training_dtype", options=["auto", "fp32", "bf16", "fp16"], default=DEFAULTS.training_dtype, tooltip="Compute precision: auto = bf16 on GPUs that support it, fp32 on the CPU. delta is always kept in fp32."),
                 io.Combo.Input("side_path", options=["auto", "side", "recompose"], default=DEFAULTS.side_path, tooltip="How a shifted layer is computed: auto picks per layer the cheaper of the side path U(Delta*(V^T x)) and recomposing W + U diag(Delta) V^T."),
                 io.Int.Input("save_every", default=DEFAULTS.save_every, min=0, max=100000, tooltip="Save the shift (and a resumable training state beside it) every N steps and at the end; 0 = never."),
+                io.Int.Input("preview_every", default=DEFAULTS.preview_every, min=0, max=100000,
+                             tooltip="Sample validation_prompt with the current shift before the first step and then every N steps; "
+                                     "shown on the node while it trains and output as the previews IMAGE batch. One preview costs "
+                                     "prior_steps sampling steps with CFG plus a VAE decode, about as much as 7-15 training steps "
+                                     "at batch size 1 with prior preservation: the default 100 keeps previews near 10 % of the "
+                                     "training time. 0 = no previews. Needs the VAE."),
+                io.String.Input("validation_prompt", default=DEFAULTS.validation_prompt, multiline=True,
+                                tooltip="Prompt of the previews (fixed seed: the seed input). Empty: the instance prompt (the first "
+                                        "caption with captions, the first sample's prompt with a Cut-Mix set)."),
                 io.String.Input("filename_prefix", default=DEFAULTS.filename_prefix, tooltip="File name prefix for saves inside models/svdiff (a number is appended)."),
                 io.Combo.Input("resume_from", options=[NONE] + shift_files(), default=DEFAULTS.resume_from, tooltip="Continue training from a shift file in models/svdiff (exactly, when its training state is beside it)."),
                 TrainingSetType.Input("training_set", optional=True, tooltip="Multi-subject training set from the Cut-Mix Builder, used instead of images + prompt: each step draws a cut-mixed pair of subjects with the set's probability, else one subject (prior samples likewise). Not available with latents + positive."),
@@ -88,6 +97,8 @@ class SVDiffTrain(io.ComfyNode):
                 SpectralShiftType.Output(display_name="SPECTRAL_SHIFT", tooltip="The trained spectral shift."),
                 LossMapType.Output(display_name="LOSS_MAP", tooltip="Per-step training loss (for Plot Loss Graph)."),
                 io.Int.Output(display_name="steps", tooltip="Total steps trained (including resumed ones)."),
+                io.Image.Output(display_name="previews", tooltip="The validation samples taken during training, in order "
+                                                                 "(samples over time); a black image when there were none."),
             ],
         )
 
@@ -106,7 +117,9 @@ class SVDiffTrain(io.ComfyNode):
         text = f"trained {r.steps} steps; routes {r.report['routes']}"
         if r.report["notes"]:
             text += "\n" + "\n".join(r.report["notes"])
-        return io.NodeOutput(r.model, r.clip, r.shift, r.loss_map, r.steps, ui=ui.PreviewText(text))
+        if r.report["preview_steps"]:
+            text += f"\npreviews at steps {', '.join(str(n) for n in r.report['preview_steps'])}"
+        return io.NodeOutput(r.model, r.clip, r.shift, r.loss_map, r.steps, r.report["previews"], ui=ui.PreviewText(text))
 
 
 NODES = [SVDiffTrain]

@@ -31,6 +31,7 @@ from ..shifts import apply_shift, read_shift_file, save_shift_numbered
 from .attention import attention_loss, concat_maps, parse_resolutions
 from .data import _unload, concat_kwargs, denoise_x0, prediction_target, special_tokens
 from .layers import Trainable
+from .preview import Previewer, StatusText, pil_preview
 from .settings import INJECTION_KEY, NODE, NONE, TrainSettings, err, training_dtype
 from .sources import ClipCheck, attention_positions, instance_data, make_source, positions_of, prior_data
 
@@ -322,14 +323,19 @@ def train_step(ctx: StepContext, source, step: int) -> float:
     return total / acc
 
 
-def _run_steps(ctx: StepContext, source, writer: ShiftWriter, start: int, steps: int, pbar, t0: float) -> None:
+def _run_steps(ctx: StepContext, source, writer: ShiftWriter, previewer: Previewer, start: int, steps: int, pbar, t0: float) -> None:
+    status = StatusText(start, steps)
+    if previewer.due(start, first=True):
+        pbar.update_absolute(0, steps, pil_preview(previewer.sample(start)))
     with torch.enable_grad():
         for i in range(steps):
             check_interrupt()
             step = start + i
             lv = train_step(ctx, source, step)
             ctx.loss_map["loss"].append(lv)
-            pbar.update_absolute(i + 1, steps)
+            preview = pil_preview(previewer.sample(step + 1)) if previewer.due(step + 1, first=False) else None
+            pbar.update_absolute(i + 1, steps, preview)
+            status.update(i, lv, len(previewer.images))
             if (i + 1) % 10 == 0 or i == 0 or i + 1 == steps:
                 log.info("[%s] step %d/%d loss %.5f (%.2f s/step)", NODE, step + 1, start + steps, lv,
                          (time.perf_counter() - t0) / (i + 1))
@@ -403,6 +409,7 @@ def train(node_inputs: dict) -> TrainResult:
             raise err("warmup_steps", f"{s.warmup_steps} warmup steps leave no step at the full learning rate in a run that "
                                       f"ends at step {start + s.steps}; use fewer warmup steps")
         loss_map = {"loss": []}
+        previewer = Previewer(run, s, node_inputs, d)
         pbar = progress(max(1, s.steps))
         t0 = time.perf_counter()
         try:
@@ -413,12 +420,12 @@ def train(node_inputs: dict) -> TrainResult:
                 ctx = StepContext(run, s, optimizer, ms.sigmas.detach().clone().to(run.device), target, sigma_data,
                                   run.mp.model_options.get("transformer_options", {}), loss_map, positions_of(d),
                                   single_pos, resolutions, [g["lr"] for g in optimizer.param_groups], start + s.steps)
-                _run_steps(ctx, source, writer, start, s.steps, pbar, t0)
+                _run_steps(ctx, source, writer, previewer, start, s.steps, pbar, t0)
         finally:
             _unload(run.mp)
             if run.clip_t is not None:
                 _unload(run.clip_t.patcher)
-        return _finish(node_inputs, run, writer, start + s.steps, t0, loss_map, notes, d, prior)
+        return _finish(node_inputs, run, writer, start + s.steps, t0, loss_map, notes, d, prior, previewer)
 
 
 def _without_fp(shift: SpectralShift) -> SpectralShift:
@@ -426,7 +433,8 @@ def _without_fp(shift: SpectralShift) -> SpectralShift:
     return SpectralShift(shift.deltas, shift.shapes, {k: v for k, v in shift.metadata.items() if k != "base_fingerprint"})
 
 
-def _finish(node_inputs: dict, run: Run, writer: ShiftWriter, done: int, t0: float, loss_map: dict, notes: list, d, prior):
+def _finish(node_inputs: dict, run: Run, writer: ShiftWriter, done: int, t0: float, loss_map: dict, notes: list, d, prior,
+            previewer):
     shift = writer.current(done)
     shift.metadata["training"]["seconds"] = round(time.perf_counter() - t0, 3)
     # stacked, not composed: the output is the model the shift was trained on (see _note_carried_shifts)
@@ -437,5 +445,6 @@ def _finish(node_inputs: dict, run: Run, writer: ShiftWriter, done: int, t0: flo
     report = {"notes": notes, "routes": run.unet.routes(), "saved": writer.saved, "steps": done, "missing": run.unet.missing,
               "cutmix": d.cutmix, "attention_capture": run.capture is not None,
               "instance_latents": d.latents.cpu(), "instance_entry": d.entries[0],
-              "prior_latents": prior.latents.cpu() if prior.latents is not None else None, "prior_entry": prior.entry}
+              "prior_latents": prior.latents.cpu() if prior.latents is not None else None, "prior_entry": prior.entry,
+              "previews": previewer.output(), "preview_steps": list(previewer.at_steps)}
     return TrainResult(out_model, out_clip, shift, loss_map, done, report)

@@ -51,6 +51,8 @@ class TrainSettings:
     warmup_steps: int = 0
     grad_accumulation: int = 1
     save_every: int = 0
+    preview_every: int = 100
+    validation_prompt: str = ""
     filename_prefix: str = "svdiff/train"
     resume_from: str = NONE
     unmix_weight: float = 0.0
@@ -76,6 +78,7 @@ class TrainSettings:
             prior_weight=float(self.prior_weight), num_prior_images=int(self.num_prior_images),
             prior_steps=int(self.prior_steps), rank=int(self.rank), steps=int(self.steps), batch_size=int(self.batch_size),
             seed=int(self.seed), resolution=int(self.resolution), save_every=int(self.save_every or 0),
+            preview_every=int(self.preview_every or 0), validation_prompt=str(self.validation_prompt or ""),
             filename_prefix=self.filename_prefix or "svdiff/train", resume_from=self.resume_from or NONE,
             warmup_steps=int(self.warmup_steps), grad_accumulation=int(self.grad_accumulation),
             unmix_weight=float(self.unmix_weight), attention_reg_weight=float(self.attention_reg_weight),
