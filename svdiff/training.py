@@ -35,7 +35,7 @@ def mix_seed(*parts: int) -> int:
     return h & _MASK
 
 
-STREAM_DATA, STREAM_NOISE, STREAM_PRIOR_DATA, STREAM_PRIOR_GEN, STREAM_CUTMIX = 1, 2, 3, 4, 5
+STREAM_DATA, STREAM_NOISE, STREAM_PRIOR_DATA, STREAM_PRIOR_GEN, STREAM_CUTMIX, STREAM_BUCKET = 1, 2, 3, 4, 5, 6
 
 
 def generator(seed: int, step: int, stream: int) -> torch.Generator:

@@ -157,3 +157,44 @@ def test_graph_with_previews_captions_and_schedule_through_the_executor(tiny_che
     assert [p[0] for p in shown] == [0, 1, 2, 3] and all(p[2] == (64, 64) for p in shown)
     text = outputs["3"]["text"][0] if "text" in outputs.get("3", {}) else ""
     assert "previews at steps 0, 1, 2, 3" in text
+
+
+def test_two_aspect_buckets_train_in_one_run_with_prior_preservation(tiny_checkpoint):
+    import svdiff.buckets as B
+
+    sizes = B.bucket_sizes(64)
+    assert (64, 64) in sizes and all(h % 64 == 0 and w % 64 == 0 for h, w in sizes)
+    assert B.nearest_bucket(64, 128, sizes) == (64, 128) and B.nearest_bucket(100, 100, sizes) == (64, 64)
+    g = torch.Generator().manual_seed(1)
+    square, wide = torch.rand(2, 64, 64, 3, generator=g), torch.rand(2, 64, 128, 3, generator=g)
+    r = _train(_inputs(tiny_checkpoint, images=[square, wide], steps=6, prior_weight=1.0, num_prior_images=2, prior_steps=2,
+                       captions="photo of a sks dog\nphoto of a sks dog\nphoto of a sks dog, wide\nphoto of a sks dog, wide",
+                       attention_reg_weight=10.0))
+    assert any("aspect buckets 64x64 (2), 128x64 (2)" in n for n in r.report["notes"])
+    assert len(r.loss_map["loss"]) == 6 and all(v == v for v in r.loss_map["loss"])
+    # the steps drew from both buckets: the run differs from one on the square images alone
+    sq = _train(_inputs(tiny_checkpoint, images=[square], steps=6, prior_weight=1.0, num_prior_images=2, prior_steps=2,
+                        captions="photo of a sks dog\nphoto of a sks dog", attention_reg_weight=10.0))
+    assert not _same(r.shift, sq.shift)
+    # centre-crop stays an option: everything square, as before
+    cc = _train(_inputs(tiny_checkpoint, images=[square, wide], steps=1, image_fit="centre-crop"))
+    assert cc.report["instance_latents"].shape[-2:] == (8, 8)
+
+
+def test_bucket_inputs_that_cannot_work_are_refused(tiny_checkpoint):
+    err = pack_module("nodes.common").SVDiffNodeError
+    with pytest.raises(err, match=r"\[SVDiff Train\] images: image 1 is 320x64, more than 4:1"):
+        _train(_inputs(tiny_checkpoint, images=[torch.rand(1, 64, 320, 3)], resolution=64))
+    with pytest.raises(err, match=r"\[SVDiff Train\] images: image 1 is 40x40, less than half of its 128x128 bucket"):
+        _train(_inputs(tiny_checkpoint, images=[torch.rand(1, 40, 40, 3)], resolution=128))
+
+
+def test_latents_of_different_sizes_train_together(tiny_checkpoint):
+    model, clip, vae = tiny_checkpoint
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize("a sks dog"))
+    lat = [{"samples": torch.randn(2, 4, 8, 8, generator=g)}, {"samples": torch.randn(1, 4, 8, 16, generator=g)}]
+    r = _train(_inputs(tiny_checkpoint, images=None, latents=lat, positive=[cond], steps=4, batch_size=1))
+    assert any("2 of 64x64, 1 of 128x64" in n for n in r.report["notes"])
+    assert len(r.loss_map["loss"]) == 4

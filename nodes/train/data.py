@@ -14,7 +14,7 @@ import comfy.model_management as mm
 import comfy.sample
 import comfy.utils
 
-from ...svdiff import losses, training
+from ...svdiff import buckets, losses, training
 from ...svdiff.cutmix import CutMixTrainingSet, Subject, single_prompt
 from .. import comfy_compat as compat
 from ..attention_capture import token_positions
@@ -48,6 +48,26 @@ def prepare_images(images: list, resolution: int, field: str, notes: list) -> to
         x = comfy.utils.common_upscale(x, resolution, resolution, "area" if min(h, w) >= resolution else "bilinear", "center")
         out.append(x.movedim(1, -1).clamp(0, 1))
     return torch.cat(out, 0)
+
+
+def prepare_bucketed(images: list, resolution: int, field: str) -> list:
+    """Each image resized to cover its aspect-ratio bucket (``svdiff.buckets``) and centre-cropped
+    to it: a list of [1, h, w, 3].  Square images get resolution x resolution, exactly as
+    ``prepare_images`` makes them."""
+    sizes = buckets.bucket_sizes(resolution)
+    out = []
+    for i, im in enumerate(images):
+        h, w = int(im.shape[1]), int(im.shape[2])
+        if buckets.aspect_ratio(h, w) > buckets.MAX_RATIO:
+            raise err(field, f"image {i + 1} is {w}x{h}, more than {buckets.MAX_RATIO:g}:1; crop it first, or use image_fit centre-crop")
+        bh, bw = buckets.nearest_bucket(h, w, sizes)
+        if h < bh / 2 or w < bw / 2:
+            raise err(field, f"image {i + 1} is {w}x{h}, less than half of its {bw}x{bh} bucket at resolution {resolution}: "
+                             "use a lower resolution or a larger image")
+        x = im[..., :3].movedim(-1, 1).float()
+        x = comfy.utils.common_upscale(x, bw, bh, "area" if h >= bh and w >= bw else "bilinear", "center")
+        out.append(x.movedim(1, -1).clamp(0, 1))
+    return out
 
 
 @torch.no_grad()

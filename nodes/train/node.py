@@ -9,7 +9,7 @@ from ...svdiff.training import LR_SCHEDULES
 from ...svdiff.subsets import SUBSET_NAMES
 from ..common import CATEGORY, SpectralShiftType, TrainingSetType, shift_files
 from .run import train
-from .settings import DEFAULTS, NODE, NONE
+from .settings import DEFAULTS, IMAGE_FITS, NODE, NONE
 
 LossMapType = io.Custom("LOSS_MAP")
 
@@ -35,13 +35,18 @@ class SVDiffTrain(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The base diffusion model. It is never modified: training runs on a clone."),
                 io.Vae.Input("vae", optional=True, tooltip="VAE used to encode the subject images (and prior images)."),
-                io.Image.Input("images", optional=True, tooltip="The 3-5 subject photos (any sizes: each is resized on the shorter side and centre-cropped to resolution)."),
+                io.Image.Input("images", optional=True, tooltip="The 3-5 subject photos, any sizes and shapes (see image_fit)."),
                 io.String.Input("prompt", default=DEFAULTS.prompt, multiline=True,
                                 tooltip="Instance prompt with a rare identifier, e.g. 'photo of a sks dog' (for single-image editing: a plain description)."),
                 io.String.Input("captions", default=DEFAULTS.captions, multiline=True,
                                 tooltip="Optional: one caption per subject image, one line each in the images' order, each with the "
                                         "prompt's instance token (e.g. 'photo of a sks dog on a sofa'); replaces the prompt for that "
                                         "image. Empty: every image uses the prompt. Prior preservation keeps the class prompt."),
+                io.Combo.Input("image_fit", options=list(IMAGE_FITS), default=DEFAULTS.image_fit,
+                               tooltip="aspect buckets: each image keeps its shape in the bucket nearest its aspect ratio (sides "
+                                       "multiples of 64, about resolution^2 pixels, up to 4:1), and each step trains on one bucket. "
+                                       "centre-crop: every image is resized on its shorter side and cropped to a resolution square. "
+                                       "Cut-Mix training sets always use squares."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder of the same checkpoint: encodes the prompts; trained too when train_text_encoder is on."),
                 io.Boolean.Input("train_text_encoder", default=DEFAULTS.train_text_encoder, tooltip="Also train spectral shifts of the text encoder's layers (needs clip and images)."),
                 io.Latent.Input("latents", optional=True, tooltip="Pre-encoded training latents (list from Make/Load Training Dataset) instead of images."),

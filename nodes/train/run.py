@@ -266,6 +266,8 @@ def _predict(ctx: StepContext, batch, noise, sigma) -> tuple:
     """x0 predictions of the batch (one forward when the conditionings stack, else per sample)
     and the cross-attention maps captured meanwhile."""
     run, capture = ctx.run, ctx.run.capture
+    if capture is not None and not capture.enabled:
+        capture = None  # resting (a prior forward of another size): what it holds stays
     kwargs = concat_kwargs(batch.kw_parts)
     maps = []
     if capture is not None:
@@ -285,17 +287,45 @@ def _predict(ctx: StepContext, batch, noise, sigma) -> tuple:
     return torch.cat(outs, 0), maps
 
 
-def micro_loss(ctx: StepContext, batch, micro: int, step: int) -> torch.Tensor:
-    """Eq. 3 (+ the attention losses) of one micro-batch; ``micro`` keys its noise and timesteps."""
-    s, x0 = ctx.s, batch.x0
-    g = training.generator(s.seed, micro, training.STREAM_NOISE)
+def _squared_errors(ctx: StepContext, batch, g) -> tuple:
+    """Eq. 1's squared target errors of a batch of one latent size (noise and timesteps from
+    ``g``, in that order) and the cross-attention maps captured meanwhile."""
+    x0 = batch.x0
     noise = torch.randn(x0.shape, generator=g).to(ctx.device)
     tidx = training.timestep_draw(g, x0.shape[0], len(ctx.sigmas)).to(ctx.device)
     sigma = ctx.sigmas[tidx].float()
     x0p, maps = _predict(ctx, batch, noise, sigma)
-    e2 = losses.target_error(x0p.float(), x0.float(), sigma, ctx.target, ctx.sigma_data).pow(2)
-    inst_loss = e2[:batch.n_instance].mean()
-    prior_loss = e2[batch.n_instance:].mean() if s.prior_weight > 0 else None
+    return losses.target_error(x0p.float(), x0.float(), sigma, ctx.target, ctx.sigma_data).pow(2), maps
+
+
+def _instance_and_prior_errors(ctx: StepContext, batch, g) -> tuple:
+    """Squared errors of the instance and the prior samples, and the instance samples' maps."""
+    n = batch.n_instance
+    if isinstance(batch.x0, torch.Tensor):
+        e2, maps = _squared_errors(ctx, batch, g)
+        return e2[:n], e2[n:], maps
+    # an aspect bucket that is not the priors' square: two forwards; the attention losses only
+    # look at instance samples, so the capture rests during the prior one
+    x_inst, x_prior = batch.x0
+    e_inst, maps = _squared_errors(ctx, batch._replace(x0=x_inst, kw_parts=batch.kw_parts[:n]), g)
+    capture = ctx.run.capture
+    if capture is not None:
+        capture.enabled = False
+    try:
+        e_prior, _ = _squared_errors(ctx, batch._replace(x0=x_prior, kw_parts=batch.kw_parts[n:]), g)
+    finally:
+        if capture is not None:
+            capture.enabled = True
+    return e_inst, e_prior, maps
+
+
+def micro_loss(ctx: StepContext, batch, micro: int, step: int) -> torch.Tensor:
+    """Eq. 3 (+ the attention losses) of one micro-batch; ``micro`` keys its noise and timesteps."""
+    s = ctx.s
+    g = training.generator(s.seed, micro, training.STREAM_NOISE)
+    e_inst, e_prior, maps = _instance_and_prior_errors(ctx, batch, g)
+    inst_loss = e_inst.mean()
+    prior_loss = e_prior.mean() if s.prior_weight > 0 else None
     loss = losses.svdiff_loss(inst_loss, prior_loss, s.prior_weight)
     if ctx.run.capture is not None:
         ctx.loss_map.setdefault("denoise", []).append(float(loss.detach()))

@@ -18,6 +18,7 @@ INJECTION_KEY = "svdiff_train"
 # Guidance scale of the generated prior images (DreamBooth's class images): a fixed choice of
 # this pack, not a node input.
 PRIOR_CFG = 7.0
+IMAGE_FITS = ("aspect buckets", "centre-crop")
 
 
 def err(field: str, msg: str) -> SVDiffNodeError:
@@ -30,6 +31,7 @@ class TrainSettings:
 
     prompt: str = "photo of a sks dog"
     captions: str = ""
+    image_fit: str = "aspect buckets"
     class_prompt: str = "photo of a dog"
     train_text_encoder: bool = False
     prior_weight: float = 1.0
@@ -104,6 +106,8 @@ class TrainSettings:
         if int(self.rank) < 0:
             raise err("rank", f"must be >= 0 (0 = all singular values), got {int(self.rank)}")
         self._validate_schedule()
+        if self.image_fit not in IMAGE_FITS:
+            raise err("image_fit", f"unknown choice {self.image_fit!r}; one of {', '.join(IMAGE_FITS)}")
         for field, v in (("unmix_weight", self.unmix_weight), ("attention_reg_weight", self.attention_reg_weight)):
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise err(field, f"must be a finite number >= 0 (0 = off), got {v}")

@@ -22,7 +22,7 @@ from ...svdiff.cutmix import CutMixTrainingSet, single_prompt
 from ..attention_capture import token_positions
 from .attention import single_subject_words
 from .data import (CutMixData, _clone_cond, _split_images, cutmix_settings, encode_images, encode_prompt, generate_priors,
-                   model_kwargs, prepare_images, special_tokens, with_generated_priors)
+                   model_kwargs, prepare_bucketed, prepare_images, special_tokens, with_generated_priors)
 from .settings import PRIOR_CFG, err
 
 
@@ -47,6 +47,7 @@ class InstanceData:
     cutmix: Optional[CutMixData] = None
     train_te: bool = False
     prompts: Optional[list] = None   # images route: the text of each entry (the prompt, or one caption per image)
+    buckets: Optional[list] = None   # aspect buckets of different sizes: [(latents [n_b, C, h, w], image indices)]
 
 
 class ClipCheck:
@@ -116,12 +117,28 @@ def _image_instances(inputs: dict, s, check_clip, notes: list, images: list) -> 
     if not s.prompt.strip():
         raise err("prompt", "the instance prompt is empty")
     captions = parse_captions(s.captions, len(images), s)
-    pixels = prepare_images([im.clone() for im in images], s.resolution, "images", notes)
-    latents = encode_images(inputs.get("vae"), pixels, "images")
+    latents, groups = _image_latents(inputs.get("vae"), images, s, notes)
     prompts = captions or [s.prompt]
     entries = [check_clip(_clone_cond(encode_prompt(clip, p))) for p in prompts]
-    cond_idx = list(range(len(prompts))) if captions else [0] * latents.shape[0]
-    return InstanceData("images", latents, entries, cond_idx, None, s.train_text_encoder, prompts)
+    cond_idx = list(range(len(prompts))) if captions else [0] * len(images)
+    return InstanceData("images", latents, entries, cond_idx, None, s.train_text_encoder, prompts, groups)
+
+
+def _image_latents(vae, images: list, s, notes: list) -> tuple:
+    """(latents [n, C, h, w], None) when every image has the same size after fitting, else
+    (the first bucket's latents, [(latents, image indices)] per bucket)."""
+    if s.image_fit == "centre-crop":
+        return encode_images(vae, prepare_images([im.clone() for im in images], s.resolution, "images", notes), "images"), None
+    pixels = prepare_bucketed([im.clone() for im in images], s.resolution, "images")
+    lats = [encode_images(vae, p, "images") for p in pixels]
+    sizes = list(dict.fromkeys(tuple(t.shape[-2:]) for t in lats))
+    if len(sizes) == 1:
+        return torch.cat(lats, 0), None
+    groups = [(torch.cat([t for t in lats if tuple(t.shape[-2:]) == hw], 0),
+               [i for i, t in enumerate(lats) if tuple(t.shape[-2:]) == hw]) for hw in sizes]
+    notes.append("images: aspect buckets " + ", ".join(f"{hw[1] * 8}x{hw[0] * 8} ({len(g[1])})" for hw, g in zip(sizes, groups))
+                 + "; each step draws from one bucket")
+    return groups[0][0], groups
 
 
 def _flat_conditioning(positive_in: list) -> list:
@@ -136,22 +153,29 @@ def _latent_instances(inputs: dict, s, check_clip, notes: list, train_te: bool) 
     for d in inputs.get("latents") or []:
         t = d["samples"] if isinstance(d, dict) else d
         lats.extend([t[i : i + 1].clone().float() for i in range(t.shape[0])])
-    if len({tuple(t.shape) for t in lats}) != 1:
-        raise err("latents", "latents of different sizes cannot be trained together in this version; encode them at one resolution")
-    latents = torch.cat(lats, 0)
+    sizes = list(dict.fromkeys(tuple(t.shape[1:]) for t in lats))
+    if len({sz[0] for sz in sizes}) != 1:
+        raise err("latents", f"latents with {sorted({sz[0] for sz in sizes})} channels; they must come from one VAE")
+    groups = None
+    if len(sizes) > 1:  # like aspect buckets: each step draws from one size
+        groups = [(torch.cat([t for t in lats if tuple(t.shape[1:]) == sz], 0),
+                   [i for i, t in enumerate(lats) if tuple(t.shape[1:]) == sz]) for sz in sizes]
+        notes.append("latents: " + ", ".join(f"{len(g[1])} of {sz[2] * 8}x{sz[1] * 8}" for sz, g in zip(sizes, groups))
+                     + "; each step draws from one size")
+    latents = groups[0][0] if groups else torch.cat(lats, 0)
     flat = _flat_conditioning(inputs.get("positive") or [])
     if not flat:
         raise err("positive", "the latents route needs the positive CONDITIONING list (from Make/Load Training Dataset)")
     entries = [check_clip(_clone_cond(e), "positive") for e in flat]
     if len(entries) == 1:
-        cond_idx = [0] * latents.shape[0]
-    elif len(entries) == latents.shape[0]:
+        cond_idx = [0] * len(lats)
+    elif len(entries) == len(lats):
         cond_idx = list(range(len(entries)))
     else:
-        raise err("positive", f"{len(entries)} conditionings for {latents.shape[0]} latents; give one or one per latent")
+        raise err("positive", f"{len(entries)} conditionings for {len(lats)} latents; give one or one per latent")
     if train_te:
         notes.append("train_text_encoder: not possible with pre-encoded latents + positive; only the UNet is trained")
-    return InstanceData("latents", latents, entries, cond_idx, None, False)
+    return InstanceData("latents", latents, entries, cond_idx, None, False, None, groups)
 
 
 def instance_data(inputs: dict, s, check_clip, notes: list) -> InstanceData:
@@ -171,7 +195,10 @@ def instance_data(inputs: dict, s, check_clip, notes: list) -> InstanceData:
     if images and latents_in and d.route == "images":
         notes.append("latents: ignored because images are connected")
     if d.route != "cutmix":
-        d.latents = inputs["model"].model.process_latent_in(d.latents)
+        process_in = inputs["model"].model.process_latent_in
+        d.latents = process_in(d.latents)
+        if d.buckets:
+            d.buckets = [(process_in(t), idx) for t, idx in d.buckets]
     return d
 
 
@@ -275,7 +302,7 @@ def prior_data(inputs: dict, s, d: InstanceData, check_clip, notes: list) -> Pri
         notes.append(f"prompt: {s.prompt!r} has no word that the class prompt lacks (no rare identifier such as 'sks'); "
                      "training anyway (editing prompts have none on purpose)")
     latents = inputs["model"].model.process_latent_in(_prior_latents_raw(inputs, s, entry, notes).float())
-    if latents.shape[1:] != d.latents.shape[1:]:
+    if latents.shape[1] != d.latents.shape[1] or (latents.shape[1:] != d.latents.shape[1:] and s.image_fit == "centre-crop"):
         raise err("prior_images", f"prior latents are {list(latents.shape[1:])} but the instance latents are {list(d.latents.shape[1:])}")
     return PriorData(latents, entry)
 
@@ -293,13 +320,29 @@ class LatentSource:
         self.inst = d.latents.to(run.device)
         self.prior = prior.latents.to(run.device) if prior.latents is not None else None
         self.prior_entry = prior.entry
-        self.n_inst = d.latents.shape[0]
+        self.n_inst = len(d.cond_idx)
         self.n_prior = prior.latents.shape[0] if prior.latents is not None else 0
         self.static_inst = self.static_prior = None
         if run.te is None:
             self.static_inst = [model_kwargs(run.mp, e, self.inst[:1]) for e in d.entries]
             self.static_prior = model_kwargs(run.mp, prior.entry, self.inst[:1]) if prior.entry is not None else None
         self.encode_prior = prior.entry is not None and bool(s.class_prompt.strip())
+        self.buckets = [(t.to(run.device), idx) for t, idx in d.buckets] if d.buckets else None
+        self.bucket_of = {i: b for b, (_, idx) in enumerate(d.buckets or []) for i in idx}
+
+    def _instances(self, step: int) -> tuple:
+        """(instance latents, their image indices) of ``step``: a seeded permutation of the images,
+        or, with aspect buckets of several sizes, the bucket of the step's first draw and a
+        seeded permutation of its images."""
+        s = self.s
+        if self.buckets is None:
+            idx = training.data_indices(s.seed, step, s.batch_size, self.n_inst)
+            return self.inst[idx], idx
+        first = training.data_indices(s.seed, step, 1, self.n_inst, training.STREAM_BUCKET)[0]
+        b = self.bucket_of[first]
+        lat, members = self.buckets[b]
+        k = training.data_indices(s.seed, step, s.batch_size, len(members), training.STREAM_BUCKET + 1 + b)
+        return lat[k], [members[j] for j in k]
 
     def _conditions(self, idx: list) -> tuple:
         run, s = self.run, self.s
@@ -316,16 +359,19 @@ class LatentSource:
         return [kw[p] for p in prompts], kw_prior
 
     def batch(self, step: int) -> Batch:
+        """x0 is one tensor, or (instance, prior) latents when an aspect bucket is not the priors' square."""
         s = self.s
-        idx = training.data_indices(s.seed, step, s.batch_size, self.n_inst)
-        x0_parts = [self.inst[idx]]
+        x_inst, idx = self._instances(step)
+        x0_parts = [x_inst]
         kw_inst, kw_prior = self._conditions(idx)
         kw_parts = list(kw_inst)
         if s.prior_weight > 0:
             pidx = training.data_indices(s.seed, step, s.batch_size, self.n_prior, training.STREAM_PRIOR_DATA)
             x0_parts.append(self.prior[pidx])
             kw_parts += [kw_prior] * len(pidx)
-        return Batch(torch.cat(x0_parts, 0), kw_parts, len(idx), None, [self.d.cond_idx[j] for j in idx])
+        sizes = {tuple(x.shape[-2:]) for x in x0_parts}
+        x0 = torch.cat(x0_parts, 0) if len(sizes) == 1 else tuple(x0_parts)
+        return Batch(x0, kw_parts, len(idx), None, [self.d.cond_idx[j] for j in idx])
 
 
 class CutMixSource:
