@@ -78,7 +78,7 @@ class SVDiffTrain(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=DEFAULTS.gradient_checkpointing, tooltip="Recompute activations in the backward pass: less memory, about a third slower."),
                 io.Combo.Input("training_dtype", options=["auto", "fp32", "bf16", "fp16"], default=DEFAULTS.training_dtype, tooltip="Compute precision: auto = bf16 on GPUs that support it, fp32 on the CPU. delta is always kept in fp32."),
                 io.Combo.Input("side_path", options=["auto", "side", "recompose"], default=DEFAULTS.side_path, tooltip="How a shifted layer is computed: auto picks per layer the cheaper of the side path U(Delta*(V^T x)) and recomposing W + U diag(Delta) V^T."),
-                io.Int.Input("save_every", default=DEFAULTS.save_every, min=0, max=100000, tooltip="Save the shift (and a resumable training state beside it) every N steps and at the end; 0 = never."),
+                io.Int.Input("save_every", default=DEFAULTS.save_every, min=0, max=100000, tooltip="Save the shift (and a resumable training state beside it) into models/svdiff every N steps and at the end, so a cancelled or failed run keeps its last save and resume_from continues it exactly. The default 100 loses at most 100 steps (minutes on a GPU); 0 = never."),
                 io.Int.Input("preview_every", default=DEFAULTS.preview_every, min=0, max=100000,
                              tooltip="Sample validation_prompt with the current shift before the first step and then every N steps; "
                                      "shown on the node while it trains and output as the previews IMAGE batch. One preview costs "

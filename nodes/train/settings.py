@@ -52,7 +52,7 @@ class TrainSettings:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     grad_accumulation: int = 1
-    save_every: int = 0
+    save_every: int = 100
     preview_every: int = 100
     validation_prompt: str = ""
     filename_prefix: str = "svdiff/train"
