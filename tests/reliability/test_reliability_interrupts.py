@@ -23,6 +23,7 @@ import torch
 from svdiff_testkit import comfy_env, demo_model
 from svdiff_testkit.probes import fingerprint_outputs
 from svdiff_testkit import workflow as W
+from svdiff_testkit.comfy_env import REPO
 
 CKPT_NODE = "2"  # the checkpoint loader's id in the bundled workflows
 
@@ -46,7 +47,6 @@ def rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     return 0.0
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPS = 20
 MAX_GROWTH_MB = 64.0
 TRAIN_STEPS, PRIORS, PRIOR_STEPS = 5, 2, 3
