@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from svdiff_testkit.probes import unet_forward
+
 NONE = "[None]"
 
 
@@ -47,14 +49,7 @@ def run(a):
 
 
 def unet_out(mp, seed=0):
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([mp], force_full_load=True)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, 32, generator=g)
-    with torch.inference_mode():
-        return mp.model.apply_model(x, torch.tensor([3.0]), c_crossattn=ctx).clone()
+    return unet_forward(mp, seed, sigma=3.0, grad_mode=torch.inference_mode)
 
 
 EVAL_T = [50, 200, 400, 600, 800, 950]
