@@ -61,8 +61,9 @@ def make_model_classes(name: str, clip_config: dict, unet_config: dict, unet_ext
     :func:`small_clip_config`.
     ``unet_config``: without ``match_keys``, what ComfyUI's own ``matches()`` compares with the
     configuration it detects from a checkpoint.  With ``match_keys``, the full UNet configuration
-    (e.g. :func:`small_unet_config`) of which only those keys are compared, by an own ``matches()`` that reads lists and tuples
-    alike and takes any further keyword ComfyUI passes (0.33 adds ``unet_key_prefix=``).
+    (e.g. :func:`small_unet_config`) of which only those keys are compared, by an own
+    ``matches()`` that reads lists and tuples alike and takes any further keyword ComfyUI
+    passes (0.33 adds ``unet_key_prefix=``).
     ``unet_extra_config``: set on top of the detected configuration (attention heads).
     ``required_vae_key``: a VAE weight below ``first_stage_model.`` that a checkpoint must have
     (own ``matches()``: any key ending in it).
@@ -73,7 +74,8 @@ def make_model_classes(name: str, clip_config: dict, unet_config: dict, unet_ext
 
     class Clip(sd1_clip.SD1ClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}, **kw):
-            super().__init__(device=device, dtype=dtype, model_options={**model_options, "clip_l_model_config": clip_config}, **kw)
+            model_options = {**model_options, "clip_l_model_config": clip_config}
+            super().__init__(device=device, dtype=dtype, model_options=model_options, **kw)
 
     class SD(comfy.supported_models.SD15):
         def clip_target(self, state_dict={}):
