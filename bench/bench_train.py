@@ -58,11 +58,10 @@ RESULT_TAG = "BENCH_TRAIN_RESULT "
 # child side
 # ---------------------------------------------------------------------------------------
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+    """RSS as it stands (no garbage collection or heap trim first); NaN where /proc has none."""
+    from svdiff_testkit.memory import rss_mb as read_rss  # tools/ is on sys.path once child_boot ran
+
+    return read_rss(settle=False) or float("nan")
 
 
 def maxrss_mb() -> float:

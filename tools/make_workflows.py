@@ -27,55 +27,92 @@ from svdiff_testkit.workflow import WorkflowBuilder  # noqa: E402
 
 OUT = os.path.join(REPO, "workflows")
 SHIFT_FILE = "my_subject_00001_.safetensors"  # what 01_single_subject saves first
+SECOND_SHIFT = "my_second_subject_00001_.safetensors"
 NEG = "blurry, low quality, deformed"
+
+
+def wire(b, dst, **sources):
+    """Link each named input of ``dst`` to a ``(node, output slot)``, in the order given; returns ``dst``.
+
+    Node and link ids follow the order of the calls: keep it when editing a workflow function,
+    or the regenerated JSON differs from the committed one even where the graph is the same."""
+    for name, (src, slot) in sources.items():
+        b.link(src, slot, dst, name)
+    return dst
+
+
+def start(defs, text, **note):
+    """A builder with the workflow's Note and the checkpoint loader (column 0)."""
+    b = WorkflowBuilder(defs)
+    b.note(text, col=0, **note)
+    return b, b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
+
+
+def from_checkpoint(ck, *outputs):
+    """The named outputs of the checkpoint loader (model, clip, vae) as :func:`wire` sources."""
+    return {name: (ck, ("model", "clip", "vae").index(name)) for name in outputs}
+
+
+def text_encoder(b, clip, text, title, col, band=0):
+    """CLIPTextEncode of ``text`` with ``clip``."""
+    return wire(b, b.node("CLIPTextEncode", title=title, col=col, band=band, text=text), clip=clip)
+
+
+def decode_and_save(b, samples, vae, col, prefix, band=0):
+    """VAEDecode (column ``col``) -> SaveImage (the next column)."""
+    dec = wire(b, b.node("VAEDecode", col=col, band=band), samples=samples, vae=vae)
+    save = wire(b, b.node("SaveImage", col=col + 1, band=band, filename_prefix=prefix), images=(dec, 0))
+    return dec, save
+
+
+def shift_loader(b, ck, shift_name, title=None, **widgets):
+    """Load Spectral Shift (column 1) on the checkpoint's model and clip."""
+    ld = b.node("SVDiffLoadShift", title=title, col=1, shift_name=shift_name, **widgets)
+    return wire(b, ld, **from_checkpoint(ck, "model", "clip"))
+
+
+def shift_pair(b, ck, title_a, title_b, **widgets):
+    """Shift A (what 01 saves first) and shift B (the second subject's), each loaded on the checkpoint."""
+    return (shift_loader(b, ck, SHIFT_FILE, title_a, **widgets),
+            shift_loader(b, ck, SECOND_SHIFT, title_b, **widgets))
+
+
+def apply_shift(b, ck, shift, col, band=0):
+    """Apply Spectral Shift of ``shift`` to the checkpoint's model and clip at full strength."""
+    ap = b.node("SVDiffApplyShift", col=col, band=band, strength_model=1.0, strength_clip=1.0)
+    return wire(b, ap, **from_checkpoint(ck, "model", "clip"), shift=shift)
 
 
 def sampler_chain(b, model, clip, vae, col, prompt, seed=42, steps=50, cfg=7.5, width=512, height=512,
                   prefix="svdiff/sample", negative=NEG, latent=None, batch=1, band=0):
     """CLIPTextEncode x2 -> (EmptyLatentImage) -> KSampler (DDIM, eta 0) -> VAEDecode -> SaveImage."""
-    pos = b.node("CLIPTextEncode", title="Prompt", col=col, band=band, text=prompt)
-    neg = b.node("CLIPTextEncode", title="Negative prompt", col=col, band=band, text=negative)
-    b.link(clip[0], clip[1], pos, "clip")
-    b.link(clip[0], clip[1], neg, "clip")
+    pos = text_encoder(b, clip, prompt, "Prompt", col, band)
+    neg = text_encoder(b, clip, negative, "Negative prompt", col, band)
     if latent is None:
         lat = b.node("EmptyLatentImage", col=col, band=band, width=width, height=height, batch_size=batch)
         latent = (lat, 0)
     ks = b.node("KSampler", col=col + 1, band=band, seed=seed, steps=steps, cfg=cfg, sampler_name="ddim",
                 scheduler="ddim_uniform", denoise=1.0)
-    b.link(model[0], model[1], ks, "model")
-    b.link(pos, 0, ks, "positive")
-    b.link(neg, 0, ks, "negative")
-    b.link(latent[0], latent[1], ks, "latent_image")
-    dec = b.node("VAEDecode", col=col + 1, band=band)
-    b.link(ks, 0, dec, "samples")
-    b.link(vae[0], vae[1], dec, "vae")
-    save = b.node("SaveImage", col=col + 2, band=band, filename_prefix=prefix)
-    b.link(dec, 0, save, "images")
+    wire(b, ks, model=model, positive=(pos, 0), negative=(neg, 0), latent_image=latent)
+    dec, save = decode_and_save(b, (ks, 0), vae, col + 1, prefix, band)
     return ks, dec, save
 
 
 def wf_load_shift(defs):
     """02: the everyday use: Load Spectral Shift -> KSampler."""
-    b = WorkflowBuilder(defs)
-    b.note(
+    b, ck = start(
+        defs,
         "SVDiff: generate with a shared spectral-shift file.\n\n"
         "Load Spectral Shift patches the model (and the text encoder if the file shifts it) with "
         "a spectral shift: each weight's singular values become ReLU(sigma + s*delta) (paper Eq. 2). "
         "Put the .safetensors file in models/svdiff; 'strength' is s (1 = as trained, 0 = off). "
         "Write the subject's rare token (here 'sks') in the prompt. Paper sampling: DDIM, eta = 0, "
         "50 steps, guidance 7.5, 512x512 on Stable Diffusion 1.5.",
-        col=0,
     )
-    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
-    ls = b.node("SVDiffLoadShift", col=1, shift_name=SHIFT_FILE, strength_model=1.0, strength_clip=1.0)
-    b.link(ck, 0, ls, "model")
-    b.link(ck, 1, ls, "clip")
+    ls = shift_loader(b, ck, SHIFT_FILE, strength_model=1.0, strength_clip=1.0)
     sampler_chain(b, (ls, 0), (ls, 1), (ck, 2), col=2, prompt="a photo of sks robot on the beach, sunset",
                   prefix="svdiff/load_shift")
     return b.build()
-
-
-SECOND_SHIFT = "my_second_subject_00001_.safetensors"
 
 
 def load_images(b, names, col=0):
@@ -83,17 +120,14 @@ def load_images(b, names, col=0):
     loads = [b.node("LoadImage", col=col, image=n) for n in names]
     out = (loads[0], 0)
     for ld in loads[1:]:
-        ib = b.node("ImageBatch", col=col + 1)
-        b.link(out[0], out[1], ib, "image1")
-        b.link(ld, 0, ib, "image2")
-        out = (ib, 0)
+        out = (wire(b, b.node("ImageBatch", col=col + 1), image1=out, image2=(ld, 0)), 0)
     return out
 
 
 def wf_single_subject(defs):
     """01: DreamBooth-style spectral-shift training with prior preservation (Fig. 5)."""
-    b = WorkflowBuilder(defs)
-    b.note(
+    b, ck = start(
+        defs,
         "SVDiff: single-subject generation (paper Sec. 3.2, Fig. 5).\n\n"
         "SVDiff Train fine-tunes only the singular values of the model's weights (a spectral shift, "
         "about 1.7 MB for SD1.5) on 3-5 photos of a subject with a rare token ('sks robot'), with the "
@@ -102,20 +136,15 @@ def wf_single_subject(defs):
         "weights. Save Spectral Shift writes models/svdiff/my_subject_00001_.safetensors; the sampler "
         "then shows the subject in a new context (DDIM, eta 0, 50 steps). Replace the pictures with "
         "your own (copy them into ComfyUI's input folder).",
-        col=0,
     )
-    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
     imgs = load_images(b, ["robot_01.png", "robot_02.png", "robot_03.png"], col=1)
     tr = b.node("SVDiffTrain", col=3, prompt="photo of a sks robot", class_prompt="photo of a robot",
                 prior_weight=1.0, steps=500, learning_rate=1e-3, learning_rate_1d=1e-6, subset="UNet",
                 batch_size=1, resolution=512, seed=0)
-    b.link(ck, 0, tr, "model")
-    b.link(ck, 1, tr, "clip")
-    b.link(ck, 2, tr, "vae")
-    b.link(imgs[0], imgs[1], tr, "images")
+    wire(b, tr, **from_checkpoint(ck, "model", "clip", "vae"), images=imgs)
     sv = b.node("SVDiffSaveShift", col=4, filename_prefix="my_subject",
                 description="toy robot, token 'sks robot' (SVDiff single-subject workflow)")
-    b.link(tr, 2, sv, "shift")
+    wire(b, sv, shift=(tr, 2))
     sampler_chain(b, (tr, 0), (tr, 1), (ck, 2), col=4, prompt="a photo of sks robot on the beach, sunset",
                   prefix="svdiff/single_subject")
     return b.build()
@@ -123,8 +152,8 @@ def wf_single_subject(defs):
 
 def wf_multi_subject(defs):
     """03: multi-subject generation with Cut-Mix-Unmix and negative-prompt guidance (Fig. 6, appendix C.3)."""
-    b = WorkflowBuilder(defs)
-    b.note(
+    b, ck = start(
+        defs,
         "SVDiff: multi-subject generation with Cut-Mix-Unmix (paper Sec. 3.3, Fig. 6; appendix C.3).\n\n"
         "The Cut-Mix Builder pairs two subjects ('sks robot', 'hta duck'): with probability 0.6 (paper) a "
         "training sample puts both side by side with a prompt naming each ('photo of a sks robot on the left "
@@ -134,86 +163,56 @@ def wf_multi_subject(defs):
         "500-1000 steps, learning rates 1e-3 / 1e-6. To sample, use a prompt unlike the training ones; the "
         "Negative Guider (Eq. 9) uses the prior prompt 'photo of a robot and a duck' as negative with "
         "beta 0.5 against stitching seams.",
-        col=0, height=300,
+        height=300,
     )
-    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
     robots = load_images(b, ["robot_01.png", "robot_02.png", "robot_03.png"], col=1)
     ducks = load_images(b, ["duck_01.png", "duck_02.png"], col=1)
     cm = b.node("SVDiffCutMixBuilder", col=3, token_1="sks", class_word_1="robot", token_2="hta",
                 class_word_2="duck", probability=0.6, layout="left-right", and_prompt_probability=0.5, seed=0,
                 resolution=512, preview_count=8)
-    b.link(robots[0], robots[1], cm, "images_1")
-    b.link(ducks[0], ducks[1], cm, "images_2")
-    pv = b.node("PreviewImage", title="First training samples", col=3)
-    b.link(cm, 1, pv, "images")
+    wire(b, cm, images_1=robots, images_2=ducks)
+    wire(b, b.node("PreviewImage", title="First training samples", col=3), images=(cm, 1))
     tr = b.node("SVDiffTrain", col=4, prompt="(written per sample by the Cut-Mix Builder)",
                 class_prompt="(written per sample by the Cut-Mix Builder)", prior_weight=1.0, steps=800,
                 learning_rate=1e-3, learning_rate_1d=1e-6, subset="UNet", batch_size=1, resolution=512, seed=0,
                 unmix_weight=10.0)
-    b.link(ck, 0, tr, "model")
-    b.link(ck, 1, tr, "clip")
-    b.link(ck, 2, tr, "vae")
-    b.link(cm, 0, tr, "training_set")
+    wire(b, tr, **from_checkpoint(ck, "model", "clip", "vae"), training_set=(cm, 0))
     sv = b.node("SVDiffSaveShift", col=5, filename_prefix="my_two_subjects",
                 description="toy robot 'sks robot' and rubber duck 'hta duck' (SVDiff multi-subject workflow)")
-    b.link(tr, 2, sv, "shift")
-    pos = b.node("CLIPTextEncode", title="Prompt", col=5, text="a sks robot sitting beside a hta duck on a sofa")
-    neg = b.node("CLIPTextEncode", title="Negative: the prior prompt", col=5, text="photo of a robot and a duck")
-    emp = b.node("CLIPTextEncode", title="Empty prompt", col=5, text="")
-    for c in (pos, neg, emp):
-        b.link(tr, 1, c, "clip")
+    wire(b, sv, shift=(tr, 2))
+    pos = text_encoder(b, (tr, 1), "a sks robot sitting beside a hta duck on a sofa", "Prompt", col=5)
+    neg = text_encoder(b, (tr, 1), "photo of a robot and a duck", "Negative: the prior prompt", col=5)
+    emp = text_encoder(b, (tr, 1), "", "Empty prompt", col=5)
     gd = b.node("SVDiffNegativeGuider", col=6, cfg=7.5, beta=0.5)
-    b.link(tr, 0, gd, "model")
-    b.link(pos, 0, gd, "positive")
-    b.link(neg, 0, gd, "negative")
-    b.link(emp, 0, gd, "empty")
+    wire(b, gd, model=(tr, 0), positive=(pos, 0), negative=(neg, 0), empty=(emp, 0))
     noise = b.node("RandomNoise", col=6, noise_seed=42)
     ss = b.node("KSamplerSelect", col=6, sampler_name="ddim")
-    sch = b.node("BasicScheduler", col=6, scheduler="ddim_uniform", steps=50, denoise=1.0)
-    b.link(tr, 0, sch, "model")
+    sch = wire(b, b.node("BasicScheduler", col=6, scheduler="ddim_uniform", steps=50, denoise=1.0), model=(tr, 0))
     lat = b.node("EmptyLatentImage", col=6, width=512, height=512, batch_size=1)
     sa = b.node("SamplerCustomAdvanced", col=7)
-    b.link(noise, 0, sa, "noise")
-    b.link(gd, 0, sa, "guider")
-    b.link(ss, 0, sa, "sampler")
-    b.link(sch, 0, sa, "sigmas")
-    b.link(lat, 0, sa, "latent_image")
-    dec = b.node("VAEDecode", col=7)
-    b.link(sa, 0, dec, "samples")
-    b.link(ck, 2, dec, "vae")
-    save = b.node("SaveImage", col=8, filename_prefix="svdiff/multi_subject")
-    b.link(dec, 0, save, "images")
+    wire(b, sa, noise=(noise, 0), guider=(gd, 0), sampler=(ss, 0), sigmas=(sch, 0), latent_image=(lat, 0))
+    decode_and_save(b, (sa, 0), (ck, 2), 7, "svdiff/multi_subject")
     return b.build()
 
 
 def wf_combine(defs):
     """05: combine and interpolate two shifts, an interpolation strip over alpha (Fig. 8, 11)."""
-    b = WorkflowBuilder(defs)
-    b.note(
+    b, ck = start(
+        defs,
         "SVDiff: combining and interpolating two spectral shifts (paper Eq. 4/5, Fig. 8 and 11).\n\n"
         "Combine/Scale Shifts in 'interpolate' mode makes delta' = alpha*delta_A + (1-alpha)*delta_B, "
         "so sigma' = ReLU(sigma + delta'); each branch applies one alpha (1, 0.5, 0) and samples with "
         "the same seed and DDIM (eta 0), and Image Stitch joins the results into one strip. Mode 'add' "
         "(delta_A + delta_B, Eq. 4) puts both subjects in one model. Train the two shifts with the "
         "single-subject workflow (e.g. the robot, then the duck saved as 'my_second_subject').",
-        col=0,
     )
-    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
-    la = b.node("SVDiffLoadShift", title="Load shift A", col=1, shift_name=SHIFT_FILE, strength_model=1.0, strength_clip=1.0)
-    lb = b.node("SVDiffLoadShift", title="Load shift B", col=1, shift_name=SECOND_SHIFT, strength_model=1.0, strength_clip=1.0)
-    for ld in (la, lb):
-        b.link(ck, 0, ld, "model")
-        b.link(ck, 1, ld, "clip")
+    la, lb = shift_pair(b, ck, "Load shift A", "Load shift B", strength_model=1.0, strength_clip=1.0)
     lat = b.node("EmptyLatentImage", col=1, width=512, height=512, batch_size=1)
     strip = None
     for i, alpha in enumerate((1.0, 0.5, 0.0)):  # one branch per alpha, one below the other
         cm = b.node("SVDiffCombineShifts", title=f"alpha = {alpha}", col=2, band=i, mode="interpolate", alpha=alpha)
-        b.link(la, 2, cm, "shift_a")
-        b.link(lb, 2, cm, "shift_b")
-        ap = b.node("SVDiffApplyShift", col=2, band=i, strength_model=1.0, strength_clip=1.0)
-        b.link(ck, 0, ap, "model")
-        b.link(ck, 1, ap, "clip")
-        b.link(cm, 0, ap, "shift")
+        wire(b, cm, shift_a=(la, 2), shift_b=(lb, 2))
+        ap = apply_shift(b, ck, (cm, 0), col=2, band=i)
         ks, dec, save = sampler_chain(b, (ap, 0), (ap, 1), (ck, 2), col=3, prompt="a photo of a sks thing in a garden",
                                       prefix=f"svdiff/interpolate_{i}", latent=(lat, 0), band=i)
         if strip is None:
@@ -221,122 +220,78 @@ def wf_combine(defs):
         else:
             st = b.node("ImageStitch", col=6, band=i, direction="right", match_image_size=True, spacing_width=0,
                         spacing_color="white")
-            b.link(strip[0], strip[1], st, "image1")
-            b.link(dec, 0, st, "image2")
-            strip = (st, 0)
+            strip = (wire(b, st, image1=strip, image2=(dec, 0)), 0)
     out = b.node("SaveImage", title="Interpolation strip", col=7, band=2, filename_prefix="svdiff/interpolation_strip")
-    b.link(strip[0], strip[1], out, "images")
+    wire(b, out, images=strip)
     return b.build()
 
 
 def wf_style_mixing(defs):
     """06: style mixing by layer range and scaling (Fig. 10, appendix E.3)."""
-    b = WorkflowBuilder(defs)
-    b.note(
+    b, ck = start(
+        defs,
         "SVDiff: style mixing by layer range (paper Sec. 5, Fig. 10; appendix E.3).\n\n"
         "Combine/Scale Shifts in 'select layers' mode takes the layers of a preset from shift A and all "
         "others from shift B. The preset 'style: geometry (16,down,1)-(8,mid,0)' is the XTI layer range "
         "the paper uses for geometry (shift A), while the remaining layers give the appearance (shift B); "
         "the paper trains both on the UNet-2D subset. The second node scales the mixed shift "
         "(delta' = s*delta, appendix E.3): s above 1 strengthens it, 0 switches it off.",
-        col=0,
     )
-    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
-    la = b.node("SVDiffLoadShift", title="Geometry shift (A)", col=1, shift_name=SHIFT_FILE)
-    lb = b.node("SVDiffLoadShift", title="Appearance shift (B)", col=1, shift_name=SECOND_SHIFT)
-    for ld in (la, lb):
-        b.link(ck, 0, ld, "model")
-        b.link(ck, 1, ld, "clip")
+    la, lb = shift_pair(b, ck, "Geometry shift (A)", "Appearance shift (B)")
     mix = b.node("SVDiffCombineShifts", title="Mix by layers", col=2, mode="select layers",
                  preset="style: geometry (16,down,1)-(8,mid,0)")
-    b.link(la, 2, mix, "shift_a")
-    b.link(lb, 2, mix, "shift_b")
-    sc = b.node("SVDiffCombineShifts", title="Scale", col=2, mode="scale", scale=1.0)
-    b.link(mix, 0, sc, "shift_a")
-    ap = b.node("SVDiffApplyShift", col=3, strength_model=1.0, strength_clip=1.0)
-    b.link(ck, 0, ap, "model")
-    b.link(ck, 1, ap, "clip")
-    b.link(sc, 0, ap, "shift")
+    wire(b, mix, shift_a=(la, 2), shift_b=(lb, 2))
+    sc = wire(b, b.node("SVDiffCombineShifts", title="Scale", col=2, mode="scale", scale=1.0), shift_a=(mix, 0))
+    ap = apply_shift(b, ck, (sc, 0), col=3)
     sampler_chain(b, (ap, 0), (ap, 1), (ck, 2), col=4, prompt="a photo of a sks thing", prefix="svdiff/style_mix")
     return b.build()
 
 
 def wf_inspect(defs):
     """07: inspecting shifts: norms and the similarity heat map (Fig. 10a / 9a)."""
-    b = WorkflowBuilder(defs)
-    b.note(
+    b, ck = start(
+        defs,
         "SVDiff: inspecting spectral shifts (paper Fig. 9a, appendix Fig. 15).\n\n"
         "Inspect Spectral Shift draws the norm of each shift per block and, with two or more shifts, the "
         "heat map of their cosine similarities averaged over layers, which the paper uses to show that "
         "shifts of similar subjects are correlated. Its text output summarises sizes and norms. No model "
         "is changed: the loaders only read the files.",
-        col=0,
     )
-    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
-    la = b.node("SVDiffLoadShift", title="Shift A", col=1, shift_name=SHIFT_FILE)
-    lb = b.node("SVDiffLoadShift", title="Shift B", col=1, shift_name=SECOND_SHIFT)
-    for ld in (la, lb):
-        b.link(ck, 0, ld, "model")
-        b.link(ck, 1, ld, "clip")
-    ins = b.node("SVDiffInspectShift", col=2)
-    b.link(la, 2, ins, "shift_a")
-    b.link(lb, 2, ins, "shift_b")
-    pv = b.node("PreviewImage", col=3)
-    b.link(ins, 0, pv, "images")
+    la, lb = shift_pair(b, ck, "Shift A", "Shift B")
+    ins = wire(b, b.node("SVDiffInspectShift", col=2), shift_a=(la, 2), shift_b=(lb, 2))
+    wire(b, b.node("PreviewImage", col=3), images=(ins, 0))
     return b.build()
 
 
 def wf_editing(defs):
     """04: single-image editing (Fig. 4, 7; appendix B)."""
-    b = WorkflowBuilder(defs)
-    b.note(
+    b, ck = start(
+        defs,
         "SVDiff: single-image editing (paper Sec. 3.4, Fig. 4 and 7; appendix B).\n\n"
         "SVDiff Train fine-tunes the spectral shift on ONE image-prompt pair without prior preservation "
         "(prior_weight 0; the prompt describes the picture, no rare token). Edits come from changing the "
         "prompt. DDIM Invert turns the picture into its noise map with the EDITED prompt and guidance 1 "
         "(Eq. 6); Slerp Noise mixes in fresh noise (Eq. 7, alpha 0 = none); the DDIM sampler samples "
         "back with eta 0.5 (appendix: eta 0.5 / alpha 0, or eta 0.9 / alpha 0.9 for large changes).",
-        col=0,
     )
-    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=WORKFLOW_CKPT)
     li = b.node("LoadImage", col=1, image="scene_cup.png")
     sc = b.node("ImageScale", col=1, upscale_method="bilinear", width=512, height=512, crop="center")
-    b.link(li, 0, sc, "image")
+    wire(b, sc, image=(li, 0))
     tr = b.node("SVDiffTrain", col=2, prompt="photo of a white cup of coffee on a wooden table",
                 class_prompt="photo of a cup", prior_weight=0.0, steps=500, learning_rate=1e-3,
                 learning_rate_1d=1e-6, subset="UNet", batch_size=1, resolution=512, seed=0)
-    b.link(ck, 0, tr, "model")
-    b.link(ck, 1, tr, "clip")
-    b.link(ck, 2, tr, "vae")
-    b.link(sc, 0, tr, "images")
-    enc = b.node("VAEEncode", col=2)
-    b.link(sc, 0, enc, "pixels")
-    b.link(ck, 2, enc, "vae")
-    edit = b.node("CLIPTextEncode", title="Edited prompt", col=3, text="photo of a red cup of tea on a wooden table")
-    neg = b.node("CLIPTextEncode", title="Negative prompt", col=3, text="")
-    b.link(tr, 1, edit, "clip")
-    b.link(tr, 1, neg, "clip")
+    wire(b, tr, **from_checkpoint(ck, "model", "clip", "vae"), images=(sc, 0))
+    enc = wire(b, b.node("VAEEncode", col=2), pixels=(sc, 0), vae=(ck, 2))
+    edit = text_encoder(b, (tr, 1), "photo of a red cup of tea on a wooden table", "Edited prompt", col=3)
+    neg = text_encoder(b, (tr, 1), "", "Negative prompt", col=3)
     inv = b.node("SVDiffDDIMInvert", col=4, steps=50, cfg=1.0, scheduler="ddim_uniform")
-    b.link(tr, 0, inv, "model")
-    b.link(edit, 0, inv, "positive")
-    b.link(enc, 0, inv, "latent")
-    sl = b.node("SVDiffSlerpNoise", col=4, alpha=0.0, seed=0)
-    b.link(inv, 0, sl, "latent")
-    b.link(tr, 0, sl, "model")
-    b.link(inv, 1, sl, "sigmas")
+    wire(b, inv, model=(tr, 0), positive=(edit, 0), latent=(enc, 0))
+    sl = wire(b, b.node("SVDiffSlerpNoise", col=4, alpha=0.0, seed=0), latent=(inv, 0), model=(tr, 0), sigmas=(inv, 1))
     ds = b.node("SVDiffDDIMSampler", col=4, eta=0.5, seed=0)
     sm = b.node("SamplerCustom", col=5, add_noise=False, noise_seed=0, cfg=7.5)
-    b.link(tr, 0, sm, "model")
-    b.link(edit, 0, sm, "positive")
-    b.link(neg, 0, sm, "negative")
-    b.link(ds, 0, sm, "sampler")
-    b.link(inv, 1, sm, "sigmas")
-    b.link(sl, 0, sm, "latent_image")
-    dec = b.node("VAEDecode", col=5)
-    b.link(sm, 0, dec, "samples")
-    b.link(ck, 2, dec, "vae")
-    save = b.node("SaveImage", col=6, filename_prefix="svdiff/edit")
-    b.link(dec, 0, save, "images")
+    wire(b, sm, model=(tr, 0), positive=(edit, 0), negative=(neg, 0), sampler=(ds, 0), sigmas=(inv, 1),
+         latent_image=(sl, 0))
+    decode_and_save(b, (sm, 0), (ck, 2), 5, "svdiff/edit")
     return b.build()
 
 

@@ -121,7 +121,7 @@ if [ ! -f "$STAMP" ] || [ "$STAMP" -ot requirements-dev.txt ] || [ "$STAMP" -ot 
   touch "$STAMP"
 fi
 
-# Browser tests (tests/test_browser.py): Debian's Chromium, driven by Python playwright from
+# Browser tests (tests/e2e/test_browser.py): Debian's Chromium, driven by Python playwright from
 # requirements-dev.txt with executable_path=/usr/bin/chromium (never `playwright install`,
 # which downloads a browser).  Installed through apt when missing and we are root; otherwise
 # the browser tests skip with a loud reason.

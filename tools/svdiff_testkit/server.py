@@ -1,6 +1,6 @@
 """Start ComfyUI's real ``main.py`` server with the pack and the demo-only nodes linked in.
 
-Used by ``make serve`` (tools/serve.py), tests/test_server.py and tests/test_browser.py.
+Used by ``make serve`` (tools/serve.py), tests/e2e/test_server.py and tests/e2e/test_browser.py.
 The server gets a private ``--base-directory`` (models, input, output, custom_nodes), an
 in-memory database, and ``--cpu``; nothing in the ComfyUI checkout is written.
 """

@@ -15,9 +15,12 @@ the test harness call it; the pack never does.  Importing this module needs no C
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+
+from svdiff_testkit import model_factory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "weights", "toyworld.safetensors")
@@ -26,90 +29,26 @@ CHECKPOINT_NAME = "toyworld.safetensors"
 CONTEXT_DIM = 64
 MODEL_CHANNELS = 32
 
-TOY_CLIP = {
-    "hidden_size": CONTEXT_DIM,
-    "intermediate_size": 2 * CONTEXT_DIM,
-    "num_attention_heads": 2,
-    "num_hidden_layers": 2,
-    "projection_dim": CONTEXT_DIM,
-}
-
-TOY_UNET = dict(
-    image_size=8,
-    use_spatial_transformer=True,
-    legacy=False,
-    use_checkpoint=False,
-    in_channels=4,
-    out_channels=4,
-    model_channels=MODEL_CHANNELS,
-    num_res_blocks=[1, 1],
-    channel_mult=[1, 2],
-    transformer_depth=[1, 1],
-    transformer_depth_output=[1, 1, 1, 1],
-    transformer_depth_middle=1,
-    context_dim=CONTEXT_DIM,
-    use_linear_in_transformer=False,
-    adm_in_channels=None,
-    use_temporal_resblock=False,
-    use_temporal_attention=False,
-)
+TOY_CLIP = model_factory.small_clip_config(CONTEXT_DIM)
+TOY_UNET = model_factory.small_unet_config(context_dim=CONTEXT_DIM, image_size=8, model_channels=MODEL_CHANNELS)
 
 # What matches() checks in the UNet configuration that ComfyUI detects from the weights.
 MATCH_KEYS = ("context_dim", "model_channels", "num_res_blocks", "channel_mult", "transformer_depth",
               "in_channels", "use_linear_in_transformer", "adm_in_channels", "use_temporal_attention")
 
-_CLASSES: dict = {}
 
-
+@functools.cache
 def classes():
     """(ToyWorldClip, ToyWorldSD), created on first use so importing needs no ComfyUI."""
-    if _CLASSES:
-        return _CLASSES["clip"], _CLASSES["sd"]
-    import comfy.sd1_clip as sd1_clip
-    import comfy.supported_models
-    import comfy.supported_models_base
-
-    class ToyWorldClip(sd1_clip.SD1ClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}, **kw):
-            super().__init__(device=device, dtype=dtype, model_options={**model_options, "clip_l_model_config": TOY_CLIP}, **kw)
-
-    class ToyWorldSD(comfy.supported_models.SD15):
-        """SD1 behaviour (latent format, EPS, CLIP key names) for the toy configuration only."""
-
-        unet_config = {k: TOY_UNET[k] for k in MATCH_KEYS}
-        unet_extra_config = {"num_heads": 2, "num_head_channels": -1}
-        required_keys = {"first_stage_model.taesd_decoder.1.weight"}
-
-        @classmethod
-        def matches(cls, unet_config, state_dict=None, **kwargs):
-            # ComfyUI 0.33 also passes unet_key_prefix=...; 0.3.75 does not.  Neither matters here.
-            for k, v in cls.unet_config.items():
-                got = unet_config.get(k, "missing")
-                if isinstance(v, list):
-                    if not isinstance(got, (list, tuple)) or list(got) != v:
-                        return False
-                elif got != v:
-                    return False
-            if state_dict is not None:
-                # The checkpoint loader passes the full state dict: insist on our TAESD VAE.
-                if not any(k.endswith("taesd_decoder.1.weight") for k in state_dict):
-                    return False
-            return True
-
-        def clip_target(self, state_dict={}):
-            return comfy.supported_models_base.ClipTarget(sd1_clip.SD1Tokenizer, ToyWorldClip)
-
-    _CLASSES.update(clip=ToyWorldClip, sd=ToyWorldSD)
-    return ToyWorldClip, ToyWorldSD
+    return model_factory.make_model_classes(
+        "ToyWorld", TOY_CLIP, TOY_UNET, match_keys=MATCH_KEYS,
+        required_vae_key="taesd_decoder.1.weight",  # the checkpoint loader passes the full state dict: our TAESD VAE
+        doc="SD1 behaviour (latent format, EPS, CLIP key names) for the toy configuration only.")
 
 
 def register() -> None:
     """Let ComfyUI's checkpoint loader detect the toy model (demo/test harness only)."""
-    import comfy.supported_models
-
-    _, sd = classes()
-    if sd not in comfy.supported_models.models:
-        comfy.supported_models.models.insert(0, sd)
+    model_factory.register(classes()[1])
 
 
 def install_checkpoint(checkpoints_dir: str) -> str:
@@ -126,48 +65,28 @@ def install_checkpoint(checkpoints_dir: str) -> str:
     return dst
 
 
-@torch.no_grad()
 def init_weights(module: torch.nn.Module, seed: int, std: float = 0.02, emb_std: float = 0.3, gain: float = 1.0) -> None:
     """ComfyUI's ops skip weight initialisation: fill every parameter deterministically.
 
     Matrices get ``max(std, gain/sqrt(fan_in))``; embeddings a larger ``emb_std`` (a random
-    CLIP with small embeddings carries prompt information only at the word positions).
+    CLIP with small embeddings carries prompt information only at the word positions); biases
+    exactly 0 and norm scales exactly 1.
     """
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-        if p.ndim == 0:
-            continue
-        if p.ndim == 1:
-            if name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
-        elif "embedding" in name:
-            p.copy_(torch.randn(p.shape, generator=g) * emb_std)
-        else:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=g) * max(std, gain / fan_in**0.5))
+    model_factory.init_weights(module, seed, std=std, emb_std=emb_std, gain=gain, bias_std=0.0, scale_std=0.0)
 
 
 def build(seed: int = 0, dtype=torch.float32):
     """A fresh (model_base.BaseModel, comfy.sd.CLIP, TAESD) with deterministic random weights."""
-    import comfy.sd
     import comfy.taesd.taesd
 
-    _, sd_cls = classes()
-    cfg = sd_cls(dict(TOY_UNET))
-    cfg.set_inference_dtype(dtype, None)
+    model, clip = model_factory.build_model(classes()[1], TOY_UNET, seed, init_weights, dtype,
+                                            clip_options={"dtype": torch.float32})
     with torch.inference_mode(False):
-        model = cfg.get_model({})
-        init_weights(model.diffusion_model, seed)
         # zero the last layer of each residual branch and the output: a stable start
         with torch.no_grad():
             for n, m in model.diffusion_model.named_modules():
                 if n.endswith("out_layers.3") or n == "out.2" or n.endswith("proj_out"):
                     m.weight.zero_()
-    clip = comfy.sd.CLIP(cfg.clip_target(), model_options={"dtype": torch.float32})
-    with torch.inference_mode(False):
-        init_weights(clip.cond_stage_model, seed + 1)
         vae = comfy.taesd.taesd.TAESD()
         init_weights(vae, seed + 2, std=0.0, gain=2.0**0.5)  # He init for the ReLU codec
         with torch.no_grad():

@@ -15,8 +15,8 @@ import os
 import pytest
 from svdiff_testkit import comfy_env, demo_model
 from svdiff_testkit import workflow as W
+from svdiff_testkit.comfy_env import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WF_DIR = os.path.join(REPO, "workflows")
 WORKFLOWS = W.workflow_files(WF_DIR) if os.path.isdir(WF_DIR) else []
 TEST_SHIFT = "svdiff_test_demo_shift.safetensors"  # stands in for every shift file

@@ -7,17 +7,7 @@ import torch
 
 import svdiff.shiftfile as F
 from svdiff.shift import SpectralShift, delta_length
-
-
-def unet_out(mp, seed=0):
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([mp], force_full_load=True)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, 32, generator=g)
-    with torch.no_grad():
-        return mp.model.apply_model(x, torch.tensor([5.0]), c_crossattn=ctx).clone()
+from svdiff_testkit.probes import unet_forward
 
 
 def clip_out(clip, text="a photo of a sks dog"):
@@ -60,7 +50,7 @@ def test_save_then_load_gives_the_same_patched_weights_and_lists_without_restart
 
     m_file, c_file, sh_file = Load.execute(model=mp, clip=clip, shift_name=name, strength_model=1.0, strength_clip=1.0).args
     m_val, c_val = Apply.execute(model=mp, clip=clip, shift=sh, strength_model=1.0, strength_clip=1.0).args
-    assert torch.equal(unet_out(m_file), unet_out(m_val))
+    assert torch.equal(unet_forward(m_file), unet_forward(m_val))
     assert torch.equal(clip_out(c_file), clip_out(c_val))
     assert not torch.equal(clip_out(c_file), clip_out(clip))
     assert set(sh_file.keys()) == set(sh.keys())
@@ -72,9 +62,9 @@ def test_float16_storage_changes_outputs_within_tolerance(comfy, tiny, shift_dir
     Save, Load = node(comfy, "SVDiffSaveShift"), node(comfy, "SVDiffLoadShift")
     p16 = Save.execute(shift=sh, filename_prefix="tests/fp16", dtype="float16").args[0]
     p32 = Save.execute(shift=sh, filename_prefix="tests/fp32", dtype="float32").args[0]
-    o16 = unet_out(Load.execute(model=mp, shift_name=os.path.relpath(p16, shift_dir), strength_model=1.0, strength_clip=1.0).args[0])
-    o32 = unet_out(Load.execute(model=mp, shift_name=os.path.relpath(p32, shift_dir), strength_model=1.0, strength_clip=1.0).args[0])
-    base = unet_out(mp)
+    o16 = unet_forward(Load.execute(model=mp, shift_name=os.path.relpath(p16, shift_dir), strength_model=1.0, strength_clip=1.0).args[0])
+    o32 = unet_forward(Load.execute(model=mp, shift_name=os.path.relpath(p32, shift_dir), strength_model=1.0, strength_clip=1.0).args[0])
+    base = unet_forward(mp)
     # float16 keeps delta to 2^-11 relative; the output moves by a tiny fraction of what the shift itself moves it
     effect = (o32 - base).abs().max()
     assert effect > 1e-3
@@ -83,16 +73,16 @@ def test_float16_storage_changes_outputs_within_tolerance(comfy, tiny, shift_dir
 
 def test_strength_zero_is_identity_and_base_model_untouched(comfy, tiny):
     mp, clip = tiny
-    base = unet_out(mp)
+    base = unet_forward(mp)
     base_clip = clip_out(clip)
     Apply = node(comfy, "SVDiffApplyShift")
     sh = make_shift(mp, clip)
     m0, c0 = Apply.execute(model=mp, clip=clip, shift=sh, strength_model=0.0, strength_clip=0.0).args
-    assert torch.equal(unet_out(m0), base) and torch.equal(clip_out(c0), base_clip)
+    assert torch.equal(unet_forward(m0), base) and torch.equal(clip_out(c0), base_clip)
     m1, c1 = Apply.execute(model=mp, clip=clip, shift=sh, strength_model=1.0, strength_clip=1.0).args
-    assert not torch.equal(unet_out(m1), base)
+    assert not torch.equal(unet_forward(m1), base)
     clip_out(c1)
-    assert torch.equal(unet_out(mp), base) and torch.equal(clip_out(clip), base_clip)
+    assert torch.equal(unet_forward(mp), base) and torch.equal(clip_out(clip), base_clip)
     assert mp.patches == {} and clip.patcher.patches == {}
 
 
@@ -118,15 +108,15 @@ def test_stacks_with_a_lora_in_either_order(comfy, tiny):
     lora = _lora_for(mp, keys)
     sh = make_shift(mp, unet_keys=keys, scale=0.3)
     Apply = node(comfy, "SVDiffApplyShift")
-    base = unet_out(mp)
+    base = unet_forward(mp)
     lora_only, _ = comfy.sd.load_lora_for_models(mp, None, lora, 1.0, 0.0)
     a, _ = comfy.sd.load_lora_for_models(Apply.execute(model=mp, shift=sh, strength_model=1.0, strength_clip=1.0).args[0], None, lora, 1.0, 0.0)
     b = Apply.execute(model=lora_only, shift=sh, strength_model=1.0, strength_clip=1.0).args[0]
-    oa, ob, ol = unet_out(a), unet_out(b), unet_out(lora_only)
+    oa, ob, ol = unet_forward(a), unet_forward(b), unet_forward(lora_only)
     assert not torch.equal(ol, base) and not torch.allclose(oa, ol)
     # both orders add the same two residuals to the same base weight
     assert torch.allclose(oa, ob, atol=1e-5)
-    assert torch.equal(unet_out(mp), base)
+    assert torch.equal(unet_forward(mp), base)
 
 
 def test_load_node_errors_name_the_node_and_file(comfy, tiny, shift_dir):

@@ -9,29 +9,17 @@ recomputes nor grows; every clone's adapters share one decomposition per base we
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 
 import pytest
 import torch
 
+from svdiff_testkit.memory import rss_mb
+
 ROUNDS = 50
 MAX_GROWTH_MB = 24.0  # whole 50 rounds, after a warm-up
 MAX_LATE_GROWTH_MB = 8.0  # second half of the rounds (a per-round leak would show here)
-
-
-def rss_mb() -> float:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages, so RSS shows live memory
-    except OSError:
-        pass
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def live(cls) -> int:

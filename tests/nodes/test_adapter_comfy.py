@@ -4,18 +4,7 @@ import torch
 
 import svdiff.decompose as D
 from svdiff.shift import SpectralShift
-
-
-def unet_forward(mp, seed=0):
-    """One deterministic UNet evaluation through ComfyUI's loading/patching path."""
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([mp], force_full_load=True)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, 32, generator=g)
-    with torch.no_grad():
-        return mp.model.apply_model(x, torch.tensor([5.0]), c_crossattn=ctx).clone()
+from svdiff_testkit.probes import unet_forward, unet_inputs
 
 
 def random_shift(mp, scale, seed=1, keys=None, pack=None):
@@ -68,9 +57,7 @@ def test_random_shift_moves_sigma_as_eq2_and_base_untouched(tiny):
 
 def _lowvram_out(mp, seed=0):
     """A UNet evaluation with every module in ComfyUI's low-VRAM mode (weights streamed)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, 32, generator=g)
+    x, ctx = unet_inputs(mp, seed)
     mp.load(torch.device("cpu"), lowvram_model_memory=1, force_patch_weights=False, full_load=False)
     try:
         with torch.no_grad():

@@ -7,12 +7,11 @@ import os
 
 import pytest
 
+from svdiff_testkit.comfy_env import REPO
 from toyworld import contact_sheet
 from toyworld import model as toy
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(toy.WEIGHTS), reason="toy weights not built (make toyworld)")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _files(root: str) -> dict:

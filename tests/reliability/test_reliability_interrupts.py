@@ -23,6 +23,8 @@ import torch
 from svdiff_testkit import comfy_env, demo_model
 from svdiff_testkit.probes import fingerprint_outputs
 from svdiff_testkit import workflow as W
+from svdiff_testkit.comfy_env import REPO
+from svdiff_testkit.memory import rss_mb
 
 CKPT_NODE = "2"  # the checkpoint loader's id in the bundled workflows
 
@@ -31,22 +33,6 @@ def checkpoint_objects(env):
     return comfy_env.cached_checkpoint(env["executor"], CKPT_NODE)
 
 
-def rss_mb() -> float:
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPS = 20
 MAX_GROWTH_MB = 64.0
 TRAIN_STEPS, PRIORS, PRIOR_STEPS = 5, 2, 3

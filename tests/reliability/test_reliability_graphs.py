@@ -18,8 +18,8 @@ import torch
 from svdiff_testkit import comfy_env, demo_model
 from svdiff_testkit.probes import fingerprint_outputs
 from svdiff_testkit import workflow as W
+from svdiff_testkit.comfy_env import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = W.workflow_files(os.path.join(REPO, "workflows"))
 CKPT_NODE = "2"  # the checkpoint loader's id in every bundled workflow and in the prompts below
 SHIFTS = ("reliability_A.safetensors", "reliability_B.safetensors")

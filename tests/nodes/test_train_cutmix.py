@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-NONE = "[None]"
+from svdiff_testkit.train_args import NONE, train_inputs
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +56,8 @@ def training_set(tokens=("sks", "hta"), probability=0.6, layout="left-right", se
 
 
 def args(ckpt, **kw):
-    model, clip, vae = ckpt
-    a = dict(model=model, clip=clip, vae=vae, images=[], prompt="photo of a sks dog", class_prompt="photo of a dog",
-             prior_weight=0.0, num_prior_images=1, prior_steps=2, subset="UNet-CA", rank=0, steps=3, batch_size=1,
-             learning_rate=2e-2, learning_rate_1d=1e-4, optimizer="AdamW", seed=0, resolution=64,
-             gradient_checkpointing=False, training_dtype="auto", side_path="auto", save_every=0,
-             filename_prefix="svdiff/test_cutmix", resume_from=NONE)
-    a.update(kw)
-    return a
+    return train_inputs(ckpt, **{"num_prior_images": 1, "prior_steps": 2, "subset": "UNet-CA", "steps": 3,
+                                 "learning_rate": 2e-2, "filename_prefix": "svdiff/test_cutmix", **kw})
 
 
 def run(a):

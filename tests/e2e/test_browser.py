@@ -22,9 +22,9 @@ import pytest
 
 from svdiff_testkit import demo_model
 from svdiff_testkit import workflow as W
+from svdiff_testkit.comfy_env import REPO
 from svdiff_testkit.server import ComfyServer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WF_DIR = os.path.join(REPO, "workflows")
 WORKFLOWS = W.workflow_files(WF_DIR) if os.path.isdir(WF_DIR) else []
 CHROMIUM = os.environ.get("SVDIFF_CHROMIUM", "/usr/bin/chromium")

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-NONE = "[None]"
+from svdiff_testkit.probes import unet_forward
+from svdiff_testkit.train_args import NONE, train_inputs
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,7 @@ def T():
 
 
 def args(ckpt, **kw):
-    model, clip, vae = ckpt
-    a = dict(model=model, clip=clip, vae=vae, images=[subject_images()], prompt="photo of a sks dog",
-             class_prompt="photo of a dog", prior_weight=0.0, num_prior_images=2, prior_steps=3, subset="UNet", rank=0,
-             steps=2, batch_size=1, learning_rate=1e-2, learning_rate_1d=1e-4, optimizer="AdamW", seed=0, resolution=64,
-             gradient_checkpointing=False, training_dtype="auto", side_path="auto", save_every=0,
-             filename_prefix="svdiff/test_train", resume_from=NONE)
-    a.update(kw)
-    return a
+    return train_inputs(ckpt, **{"images": [subject_images()], "filename_prefix": "svdiff/test_train", **kw})
 
 
 def run(a):
@@ -47,14 +41,7 @@ def run(a):
 
 
 def unet_out(mp, seed=0):
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([mp], force_full_load=True)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, 32, generator=g)
-    with torch.inference_mode():
-        return mp.model.apply_model(x, torch.tensor([3.0]), c_crossattn=ctx).clone()
+    return unet_forward(mp, seed, sigma=3.0, grad_mode=torch.inference_mode)
 
 
 EVAL_T = [50, 200, 400, 600, 800, 950]

@@ -17,9 +17,9 @@ import tempfile
 import pytest
 from svdiff_testkit import demo_model
 from svdiff_testkit import workflow as W
+from svdiff_testkit.comfy_env import REPO
 from svdiff_testkit.server import ComfyServer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WF_DIR = os.path.join(REPO, "workflows")
 PACK_MODULE = "custom_nodes.ComfyUI-SVDiff"
 

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 import svdiff.fileio as fileio
 import svdiff.shiftfile as F
 from svdiff.shift import SpectralShift
+from svdiff_testkit.comfy_env import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANDOM = os.environ.get("SVDIFF_FUZZ_RANDOM", "0") not in ("0", "", "false")
 
 

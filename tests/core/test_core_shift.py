@@ -11,7 +11,7 @@ import svdiff.decompose as D
 import svdiff.shift as S
 import svdiff.shiftfile as F
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from svdiff_testkit.comfy_env import REPO
 
 
 def rand(*shape, seed=0):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from svdiff_testkit.train_args import train_inputs
 from toyworld import classifier, world
 from toyworld import model as toy
 
@@ -109,11 +110,8 @@ def test_short_svdiff_run_moves_concept_accuracy_up(toy_ckpt):
     imgs, caps = world.concept_images("sks", 4, seed=0)
     images = torch.from_numpy(imgs.copy()).float() / 255
     before = evaluate.concept_rate(model, clip, vae, "sks", n=6, seed=5, steps=12)
-    a = dict(model=model, clip=clip, vae=vae, images=[images], prompt=caps[0], class_prompt="a thing", prior_weight=0.0,
-             num_prior_images=2, prior_steps=3, subset="UNet", rank=0, steps=SVDIFF_STEPS, batch_size=4,
-             learning_rate=SVDIFF_LR, learning_rate_1d=1e-4, optimizer="AdamW", seed=0, resolution=64,
-             gradient_checkpointing=False, training_dtype="auto", side_path="auto", save_every=0,
-             filename_prefix="svdiff/test_toyworld", resume_from="[None]")
+    a = train_inputs(toy_ckpt, images=[images], prompt=caps[0], class_prompt="a thing", steps=SVDIFF_STEPS, batch_size=4,
+                     learning_rate=SVDIFF_LR, filename_prefix="svdiff/test_toyworld")
     with torch.inference_mode():
         tuned = pack_module("nodes.train").train(a)[0]
     after = evaluate.concept_rate(tuned, clip, vae, "sks", n=6, seed=5, steps=12)
@@ -133,11 +131,9 @@ def test_prior_preservation_keeps_the_model_near_the_base_on_its_world(toy_ckpt)
     images = torch.from_numpy(imgs.copy()).float() / 255
 
     def args(prior_weight):
-        return dict(model=model, clip=clip, vae=vae, images=[images], prompt=caps[0], class_prompt="a red circle on a blue background",
-                    prior_weight=prior_weight, num_prior_images=4, prior_steps=12, subset="UNet", rank=0, steps=PRIOR_TEST_STEPS,
-                    batch_size=2, learning_rate=SVDIFF_LR, learning_rate_1d=1e-4, optimizer="AdamW", seed=0, resolution=64,
-                    gradient_checkpointing=False, training_dtype="auto", side_path="auto", save_every=0,
-                    filename_prefix="svdiff/test_toyworld_prior", resume_from="[None]")
+        return train_inputs(toy_ckpt, images=[images], prompt=caps[0], class_prompt="a red circle on a blue background",
+                            prior_weight=prior_weight, num_prior_images=4, prior_steps=12, steps=PRIOR_TEST_STEPS,
+                            batch_size=2, learning_rate=SVDIFF_LR, filename_prefix="svdiff/test_toyworld_prior")
 
     with torch.inference_mode():
         m0 = T.train(args(0.0))[0]
