@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PROVISION := bash tools/provision.sh
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-matrix demo serve bench clean
+.PHONY: setup test test-matrix lint demo serve bench clean
 
 setup:
 	@$(PROVISION) >/dev/null
@@ -23,6 +23,12 @@ demo: setup
 
 serve: setup
 	$(PY) tools/serve.py
+
+# ruff with ComfyUI 0.33.0's rule set plus McCabe <= 25 over the whole repository, then the most
+# complex and the longest functions (tools/complexity.py fails above the limits).
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) tools/complexity.py
 
 # The whole suite on both supported ComfyUI versions (what .ci/run runs); one summary line each.
 test-matrix:

@@ -28,9 +28,6 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 if TOOLS not in sys.path:
     sys.path.insert(0, TOOLS)
 
-NONE = "[None]"
-
-
 def subject_images(n=3, size=64, shift=0.0):
     import torch
 
@@ -43,14 +40,9 @@ def subject_images(n=3, size=64, shift=0.0):
 
 
 def base_args(ckpt, **kw):
-    model, clip, vae = ckpt
-    a = dict(model=model, clip=clip, vae=vae, images=[subject_images()], prompt="photo of a sks dog",
-             class_prompt="photo of a dog", prior_weight=0.0, num_prior_images=2, prior_steps=3, subset="UNet", rank=0,
-             steps=4, batch_size=1, learning_rate=1e-2, learning_rate_1d=1e-4, optimizer="AdamW", seed=0, resolution=64,
-             gradient_checkpointing=False, training_dtype="auto", side_path="auto", save_every=0,
-             filename_prefix="svdiff/golden", resume_from=NONE)
-    a.update(kw)
-    return a
+    from svdiff_testkit.train_args import train_inputs
+
+    return train_inputs(ckpt, **{"images": [subject_images()], "steps": 4, "filename_prefix": "svdiff/golden", **kw})
 
 
 def digest(shift) -> dict:

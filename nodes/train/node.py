@@ -38,11 +38,11 @@ class SVDiffTrain(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="The 3-5 subject photos, any sizes and shapes (see image_fit)."),
                 io.String.Input("prompt", default=DEFAULTS.prompt, multiline=True,
                                 tooltip="Instance prompt with a rare identifier, e.g. 'photo of a sks dog' (for single-image editing: a plain description)."),
-                io.String.Input("captions", default=DEFAULTS.captions, multiline=True,
+                io.String.Input("captions", optional=True, default=DEFAULTS.captions, multiline=True,
                                 tooltip="Optional: one caption per subject image, one line each in the images' order, each with the "
                                         "prompt's instance token (e.g. 'photo of a sks dog on a sofa'); replaces the prompt for that "
                                         "image. Empty: every image uses the prompt. Prior preservation keeps the class prompt."),
-                io.Combo.Input("image_fit", options=list(IMAGE_FITS), default=DEFAULTS.image_fit,
+                io.Combo.Input("image_fit", optional=True, options=list(IMAGE_FITS), default=DEFAULTS.image_fit,
                                tooltip="aspect buckets: each image keeps its shape in the bucket nearest its aspect ratio (sides "
                                        "multiples of 64, about resolution^2 pixels, up to 4:1), and each step trains on one bucket. "
                                        "centre-crop: every image is resized on its shorter side and cropped to a resolution square. "
@@ -63,13 +63,13 @@ class SVDiffTrain(io.ComfyNode):
                 io.Int.Input("batch_size", default=DEFAULTS.batch_size, min=1, max=64, tooltip="Instance images per step (as many prior images are added when prior_weight > 0)."),
                 io.Float.Input("learning_rate", default=DEFAULTS.learning_rate, min=0.0, max=1.0, step=0.00001, tooltip="Learning rate of the spectral shifts (paper: 1e-3). When only 1-D weights train (subset UNet-1D) it is their learning rate too."),
                 io.Float.Input("learning_rate_1d", default=DEFAULTS.learning_rate_1d, min=0.0, max=1.0, step=0.000001, tooltip="Learning rate of the additive shifts of 1-D weights (norm scales) beside the spectral shifts (paper: 1e-6). 0 freezes them. Not used when only 1-D weights train (subset UNet-1D): then learning_rate applies (the paper's faster setting uses 2e-3 for 1-D weights, appendix D.2)."),
-                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default=DEFAULTS.lr_schedule,
+                io.Combo.Input("lr_schedule", optional=True, options=list(LR_SCHEDULES), default=DEFAULTS.lr_schedule,
                                tooltip="Learning-rate schedule over the run's optimizer steps (resumed steps included): constant, "
                                        "linear decay to 0 or cosine decay to 0, after the warmup. Resumed exactly by resume_from."),
-                io.Int.Input("warmup_steps", default=DEFAULTS.warmup_steps, min=0, max=100000,
+                io.Int.Input("warmup_steps", optional=True, default=DEFAULTS.warmup_steps, min=0, max=100000,
                              tooltip="Optimizer steps over which the learning rates rise linearly to their value (0 = none). "
                                      "Must be fewer than the run's steps."),
-                io.Int.Input("grad_accumulation", default=DEFAULTS.grad_accumulation, min=1, max=256,
+                io.Int.Input("grad_accumulation", optional=True, default=DEFAULTS.grad_accumulation, min=1, max=256,
                              tooltip="Micro-batches per optimizer step: each step averages the gradients of this many batches "
                                      "(effective batch = batch_size x this; one step then costs as many forward/backward passes)."),
                 io.Combo.Input("optimizer", options=list(training.OPTIMIZERS), default=DEFAULTS.optimizer, tooltip="Optimizer for the shifts."),
@@ -79,13 +79,13 @@ class SVDiffTrain(io.ComfyNode):
                 io.Combo.Input("training_dtype", options=["auto", "fp32", "bf16", "fp16"], default=DEFAULTS.training_dtype, tooltip="Compute precision: auto = bf16 on GPUs that support it, fp32 on the CPU. delta is always kept in fp32."),
                 io.Combo.Input("side_path", options=["auto", "side", "recompose"], default=DEFAULTS.side_path, tooltip="How a shifted layer is computed: auto picks per layer the cheaper of the side path U(Delta*(V^T x)) and recomposing W + U diag(Delta) V^T."),
                 io.Int.Input("save_every", default=DEFAULTS.save_every, min=0, max=100000, tooltip="Save the shift (and a resumable training state beside it) into models/svdiff every N steps and at the end, so a cancelled or failed run keeps its last save and resume_from continues it exactly. The default 100 loses at most 100 steps (minutes on a GPU); 0 = never."),
-                io.Int.Input("preview_every", default=DEFAULTS.preview_every, min=0, max=100000,
+                io.Int.Input("preview_every", optional=True, default=DEFAULTS.preview_every, min=0, max=100000,
                              tooltip="Sample validation_prompt with the current shift before the first step and then every N steps; "
                                      "shown on the node while it trains and output as the previews IMAGE batch. One preview costs "
                                      "prior_steps sampling steps with CFG plus a VAE decode, about as much as 7-15 training steps "
                                      "at batch size 1 with prior preservation: the default 100 keeps previews near 10 % of the "
                                      "training time. 0 = no previews. Needs the VAE."),
-                io.String.Input("validation_prompt", default=DEFAULTS.validation_prompt, multiline=True,
+                io.String.Input("validation_prompt", optional=True, default=DEFAULTS.validation_prompt, multiline=True,
                                 tooltip="Prompt of the previews (fixed seed: the seed input). Empty: the instance prompt (the first "
                                         "caption with captions, the first sample's prompt with a Cut-Mix set)."),
                 io.String.Input("filename_prefix", default=DEFAULTS.filename_prefix, tooltip="File name prefix for saves inside models/svdiff (a number is appended)."),

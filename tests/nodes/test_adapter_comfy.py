@@ -2,7 +2,6 @@
 
 import torch
 
-import svdiff.decompose as D
 from svdiff.shift import SpectralShift
 from svdiff_testkit.probes import unet_forward, unet_inputs
 
@@ -35,7 +34,6 @@ def test_zero_shift_is_bit_identical(tiny):
 
 def test_random_shift_moves_sigma_as_eq2_and_base_untouched(tiny):
     from svdiff_testkit.comfy_env import pack_module
-    import comfy.model_management as mm
 
     mp, clip = tiny
     base_out = unet_forward(mp)
@@ -68,7 +66,6 @@ def _lowvram_out(mp, seed=0):
 
 def test_lowvram_mode_merges_once_and_matches_full_load(tiny, monkeypatch):
     import comfy.model_management as mm
-    import comfy.model_patcher
     from svdiff_testkit.comfy_env import pack_module
 
     mp, clip = tiny

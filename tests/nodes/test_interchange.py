@@ -176,14 +176,13 @@ def test_load_spectral_shift_reads_svdiff_pytorch_files(tiny, shift_dir):
     upath = os.path.join(shift_dir, "pt_unet.safetensors")
     tpath = os.path.join(shift_dir, "pt_te.safetensors")
     ut = _write_pytorch_file(upath, list(umap), umap, ushapes, seed=3)
-    tt = _write_pytorch_file(tpath, list(tmap), tmap, cshapes, seed=4)
+    _write_pytorch_file(tpath, list(tmap), tmap, cshapes, seed=4)  # the text-encoder file beside it
     common.register_shift_folder()
     node = shifts_mod.SVDiffLoadShift
     m2, _, sh = node.execute(model=mp, shift_name="pt_unet.safetensors", strength_model=1.0, strength_clip=1.0).args
     assert len(sh) == len(umap) and sh.metadata["history"][0]["op"] == "import"
     mm.load_models_gpu([m2], force_full_load=True)
     sd = m2.model.state_dict()
-    base = mp.model.state_dict()
     # a matrix: sigma moves by delta (Eq. 2)
     n = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     k = umap[n]

@@ -1,6 +1,5 @@
 """Every node of the pack: in the SVDiff category, every input with a tooltip, V3 schema."""
 
-import pytest
 
 
 def pack_nodes(comfy):

@@ -156,7 +156,7 @@ def test_bad_inputs(ckpt, shift_dir):
         run(args(ckpt, clip=wide))
     # images of different sizes are resized (with a note); a prompt without identifier warns
     _, _, _, _, _, rep = run(args(ckpt, images=[subject_images(1), subject_images(1, 64, 128)], steps=1,
-                                  prompt="photo of a dog", prior_weight=1.0))
+                                  prompt="photo of a dog", prior_weight=1.0, image_fit="centre-crop"))
     notes = " ".join(rep["notes"])
     assert "different sizes" in notes and "far from square" in notes and "no word that the class prompt lacks" in notes
     # interrupt at step 1: an interruption, no file, base untouched

@@ -27,12 +27,11 @@ SHIFTS = ("reliability_A.safetensors", "reliability_B.safetensors")
 
 @pytest.fixture(scope="module")
 def env(comfy):
-    import execution
     import comfy.sd
     import folder_paths
     from svdiff.shift import SpectralShift, delta_length
     from svdiff import shiftfile
-    from svdiff_testkit.comfy_env import FakeServer, pack_module
+    from svdiff_testkit.comfy_env import pack_module
 
     info = demo_model.install()
     # shift files shaped for the demo checkpoint itself (tiny model or toy world)
@@ -182,8 +181,7 @@ def test_pack_nodes_outside_workflows_leave_the_checkpoint_bit_identical(env):
 def test_two_prompts_with_different_shifts_never_see_each_others_patches(env):
     """A, B, A, B through one executor on one cached checkpoint: each result equals a
     fresh executor's, A != B, and a single prompt with both branches agrees too."""
-    import execution
-    from svdiff_testkit.comfy_env import FakeServer, run_prompt
+    from svdiff_testkit.comfy_env import run_prompt
 
     results = {}
     order = ["A", "B", "A", "B"]

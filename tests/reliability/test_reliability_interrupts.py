@@ -56,9 +56,7 @@ class Interrupter:
 @pytest.fixture(scope="module")
 def env(comfy):
     import comfy.utils
-    import execution
     import folder_paths
-    from svdiff_testkit.comfy_env import FakeServer
 
     info = demo_model.install()
     defs = W.object_info()

@@ -8,13 +8,11 @@ The save folders are pointed at a sandbox deep inside a temporary directory (as
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch

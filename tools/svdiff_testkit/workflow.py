@@ -315,6 +315,93 @@ def check_widget_value(name: str, typ, opts: dict, value) -> str | None:
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize", "increment-wrap"}
 
 
+def _check_widget_count(where: str, node: dict, slots: list, problems: list) -> None:
+    wv = node.get("widgets_values")
+    if not isinstance(wv, list):
+        return
+    if len(wv) < sum(1 for s in slots if s[1] != "upload"):
+        problems.append(f"{where}: {len(wv)} widget values for {len(slots)} widgets {slots}")
+    elif len(wv) > len(slots):
+        problems.append(f"{where}: {len(wv)} widget values but only {len(slots)} widgets {slots}")
+    for (name, kind), value in zip(slots, wv):
+        if kind == "control" and value not in CONTROL_VALUES:
+            problems.append(f"{where}: {name} control value {value!r} not in {sorted(CONTROL_VALUES)}")
+
+
+def _check_link(where: str, nid, i: int, name: str, lid, in_type, nodes_by_id: dict, links: dict, defs: dict) -> list:
+    """Problems of the link ``lid`` that feeds input ``name`` (slot ``i``) of node ``nid``."""
+    if lid not in links:
+        return [f"{where}: input {name} refers to missing link {lid}"]
+    out = []
+    o, os_, t, ts, ltype = links[lid]
+    if t != nid or ts != i:
+        out.append(f"{where}: link {lid} says it ends at node {t} slot {ts}, not slot {i}")
+    try:
+        origin, oslot = _resolve(nodes_by_id, links, lid)
+    except WorkflowError as e:
+        return out + [f"{where}: {e}"]
+    if origin is None:
+        return out + [f"{where}: input {name} comes from a Reroute that has no input"]
+    if ltype is not None and not _types_match(ltype, in_type):
+        out.append(f"{where}: link {lid} has type {ltype} but input {name} wants {in_type}")
+    odef = None if origin.get("type") in VIRTUAL_NODES else defs.get(origin.get("type"))
+    if odef is None:
+        return out  # a virtual origin, or one reported at its own node
+    outs = odef.get("output", [])
+    if oslot >= len(outs):
+        return out + [f"{where}: link {lid} starts at output {oslot} of {origin['type']}, which has {len(outs)} outputs"]
+    if not _types_match(outs[oslot], in_type):
+        out.append(f"{where}: input {name} ({in_type}) is fed {outs[oslot]} by node {origin['id']} ({origin['type']})")
+    return out
+
+
+def _check_inputs(where: str, nid, node: dict, specs: dict, nodes_by_id: dict, links: dict, defs: dict, problems: list) -> set:
+    """Check every connected input slot; returns the names of the linked inputs."""
+    linked = set()
+    for i, slot in enumerate(node.get("inputs") or []):
+        name = slot.get("name")
+        if name not in specs:
+            problems.append(f"{where}: input slot {name!r} is not an input of {node.get('type')}")
+            continue
+        lid = slot.get("link")
+        if lid is None:
+            continue
+        linked.add(name)
+        problems.extend(_check_link(where, nid, i, name, lid, specs[name][0], nodes_by_id, links, defs))
+    return linked
+
+
+def _check_values(where: str, node: dict, info: dict, specs: dict, linked: set, replace, problems: list) -> None:
+    values = widget_values(node, info)
+    if replace:
+        values.update({k: v for k, v in replace.items() if k in values})
+    for name, (t, o, optional) in specs.items():
+        if not is_widget(t, o):
+            if not optional and name not in linked:
+                problems.append(f"{where}: required input {name} ({t}) is not connected")
+            continue
+        if name in linked:
+            continue
+        if name not in values:
+            if not optional:
+                problems.append(f"{where}: widget {name} has no value")
+            continue
+        why = check_widget_value(name, t, o, values[name])
+        if why:
+            problems.append(f"{where}: {why}")
+
+
+def _check_outputs(nodes_by_id: dict, defs: dict, problems: list) -> None:
+    """Output slots of real nodes must carry their definition's types."""
+    for nid, node in nodes_by_id.items():
+        d = defs.get(node.get("type"))
+        if d is None or node.get("type") in VIRTUAL_NODES:
+            continue
+        for j, out in enumerate(node.get("outputs") or []):
+            if j < len(d.get("output", [])) and out.get("type") not in (None, "*") and not _types_match(out["type"], d["output"][j]):
+                problems.append(f"node {nid} ({node['type']}): output {j} says {out['type']}, the node gives {d['output'][j]}")
+
+
 def validate_workflow(workflow, defs: dict, replace: dict | None = None) -> list[str]:
     """Every problem found in a UI workflow (empty list: valid).
 
@@ -341,78 +428,10 @@ def validate_workflow(workflow, defs: dict, replace: dict | None = None) -> list
             problems.append(f"{where}: bypassed nodes are not supported")
         info = defs[typ]
         specs = {name: (t, o, opt) for name, t, o, opt in input_specs(info)}
-        slots = widget_slots(info)
-        wv = node.get("widgets_values")
-        if isinstance(wv, list):
-            if len(wv) < sum(1 for s in slots if s[1] != "upload"):
-                problems.append(f"{where}: {len(wv)} widget values for {len(slots)} widgets {slots}")
-            elif len(wv) > len(slots):
-                problems.append(f"{where}: {len(wv)} widget values but only {len(slots)} widgets {slots}")
-            for (name, kind), value in zip(slots, wv):
-                if kind == "control" and value not in CONTROL_VALUES:
-                    problems.append(f"{where}: {name} control value {value!r} not in {sorted(CONTROL_VALUES)}")
-        linked = set()
-        for i, slot in enumerate(node.get("inputs") or []):
-            name = slot.get("name")
-            if name not in specs:
-                problems.append(f"{where}: input slot {name!r} is not an input of {typ}")
-                continue
-            lid = slot.get("link")
-            if lid is None:
-                continue
-            linked.add(name)
-            if lid not in links:
-                problems.append(f"{where}: input {name} refers to missing link {lid}")
-                continue
-            o, os_, t, ts, ltype = links[lid]
-            if t != nid or ts != i:
-                problems.append(f"{where}: link {lid} says it ends at node {t} slot {ts}, not slot {i}")
-            in_type = specs[name][0]
-            try:
-                origin, oslot = _resolve(nodes_by_id, links, lid)
-            except WorkflowError as e:
-                problems.append(f"{where}: {e}")
-                continue
-            if origin is None:
-                problems.append(f"{where}: input {name} comes from a Reroute that has no input")
-                continue
-            if ltype is not None and not _types_match(ltype, in_type):
-                problems.append(f"{where}: link {lid} has type {ltype} but input {name} wants {in_type}")
-            if origin.get("type") in VIRTUAL_NODES:
-                continue
-            odef = defs.get(origin.get("type"))
-            if odef is None:
-                continue  # reported at that node
-            outs = odef.get("output", [])
-            if oslot >= len(outs):
-                problems.append(f"{where}: link {lid} starts at output {oslot} of {origin['type']}, which has {len(outs)} outputs")
-                continue
-            if not _types_match(outs[oslot], in_type):
-                problems.append(f"{where}: input {name} ({in_type}) is fed {outs[oslot]} by node {origin['id']} ({origin['type']})")
-        values = widget_values(node, info)
-        if replace:
-            values.update({k: v for k, v in replace.items() if k in values})
-        for name, (t, o, optional) in specs.items():
-            if is_widget(t, o):
-                if name in linked:
-                    continue
-                if name not in values:
-                    if not optional:
-                        problems.append(f"{where}: widget {name} has no value")
-                    continue
-                why = check_widget_value(name, t, o, values[name])
-                if why:
-                    problems.append(f"{where}: {why}")
-            elif not optional and name not in linked:
-                problems.append(f"{where}: required input {name} ({t}) is not connected")
-    # output slots of real nodes must carry their def's types
-    for nid, node in nodes_by_id.items():
-        d = defs.get(node.get("type"))
-        if d is None or node.get("type") in VIRTUAL_NODES:
-            continue
-        for j, out in enumerate(node.get("outputs") or []):
-            if j < len(d.get("output", [])) and out.get("type") not in (None, "*") and not _types_match(out["type"], d["output"][j]):
-                problems.append(f"node {nid} ({node['type']}): output {j} says {out['type']}, the node gives {d['output'][j]}")
+        _check_widget_count(where, node, widget_slots(info), problems)
+        linked = _check_inputs(where, nid, node, specs, nodes_by_id, links, defs, problems)
+        _check_values(where, node, info, specs, linked, replace, problems)
+    _check_outputs(nodes_by_id, defs, problems)
     return problems
 
 

@@ -5,19 +5,13 @@ from __future__ import annotations
 import torch
 
 from svdiff_testkit.comfy_env import pack_module
-
-NONE = "[None]"
+from svdiff_testkit.train_args import train_inputs
 
 
 def _inputs(ckpt, **kw):
-    model, clip, vae = ckpt
     g = torch.Generator().manual_seed(0)
-    a = dict(model=model, clip=clip, vae=vae, images=[torch.rand(2, 64, 64, 3, generator=g)], prompt="photo of a sks dog",
-             class_prompt="photo of a dog", prior_weight=0.0, subset="UNet", rank=0, steps=3, batch_size=1,
-             learning_rate=1e-3, learning_rate_1d=1e-6, optimizer="AdamW", seed=0, resolution=64, save_every=0,
-             resume_from=NONE)
-    a.update(kw)
-    return a
+    return train_inputs(ckpt, **{"images": [torch.rand(2, 64, 64, 3, generator=g)], "steps": 3, "learning_rate": 1e-3,
+                                 "learning_rate_1d": 1e-6, **kw})
 
 
 def _train(a):
