@@ -50,6 +50,14 @@ def require_eps_or_v(node: str, model_sampling) -> None:
         )
 
 
+def model_sigma_data(node: str, model_sampling) -> float:
+    """The model's sigma_data (1 for SD1.x/SD2.x/SDXL, 0.5 for EDM-type models), checked."""
+    try:
+        return inversion.check_sigma_data(compat.sigma_data(model_sampling))
+    except inversion.InversionError as e:
+        raise SVDiffNodeError(node, f"model: its noise schedule's {e}") from None
+
+
 def check_latent(node: str, samples, field: str = "latent") -> None:
     if not isinstance(samples, torch.Tensor) or getattr(samples, "is_nested", False):
         raise SVDiffNodeError(node, f"{field}: expected a plain latent tensor")
@@ -177,6 +185,7 @@ class SVDiffDDIMInvert(io.ComfyNode):
         check_latent(INVERT, samples)
         ms = model.get_model_object("model_sampling")
         require_eps_or_v(INVERT, ms)
+        sigma_data = model_sigma_data(INVERT, ms)
         if scheduler not in comfy.samplers.SCHEDULER_NAMES:
             raise SVDiffNodeError(INVERT, f"scheduler: unknown scheduler {scheduler!r}")
         if steps < 1:
@@ -200,7 +209,7 @@ class SVDiffDDIMInvert(io.ComfyNode):
 
         def invert_fn(model_k, x, sigmas_, extra_args=None, callback=None, disable=None):
             den = _denoiser(model_k, x, extra_args or {})
-            return inversion.ddim_invert(den, x, sigmas_, int(refine_iterations), on_eval=on_eval)
+            return inversion.ddim_invert(den, x, sigmas_, int(refine_iterations), on_eval=on_eval, sigma_data=sigma_data)
 
         guider = comfy.samplers.CFGGuider(model)
         if negative is None:
@@ -308,13 +317,14 @@ class SVDiffSlerpNoise(io.ComfyNode):
             raise SVDiffNodeError(SLERP, f"alpha: must be in [0, 1], got {alpha}")
         ms = model.get_model_object("model_sampling")
         require_eps_or_v(SLERP, ms)
+        sigma_data = model_sigma_data(SLERP, ms)
         sigma = slerp_sigma(latent, samples, sigmas)
         if alpha == 0.0:
             return io.NodeOutput(record_sigma(latent, samples, sigma))
         eps = comfy.sample.prepare_noise(samples, int(seed), latent.get("batch_index"))
         z = model.model.process_latent_in(samples.float())
         try:
-            mixed = inversion.slerp_noise(z, eps.to(z.device, torch.float32), alpha, sigma)
+            mixed = inversion.slerp_noise(z, eps.to(z.device, torch.float32), alpha, sigma, sigma_data)
         except inversion.InversionError as e:
             raise SVDiffNodeError(SLERP, f"latent: {e}") from None
         return io.NodeOutput(record_sigma(latent, model.model.process_latent_out(mixed).to(samples.dtype), sigma))

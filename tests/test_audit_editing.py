@@ -2,10 +2,16 @@
 
 - Slerp Noise without SIGMAS takes the sigma DDIM Invert recorded in its LATENT (not the
   model's sigma_max), and refuses a latent that carries none.
+- sigma_data != 1 (EDM-type models): the inversion's evaluation point and the slerp's unit
+  scale use sqrt(sigma^2 + sigma_data^2).
 """
+
+import math
 
 import pytest
 import torch
+
+import svdiff.inversion as inv
 
 SCALE = 0.18215  # SD1 latent scale factor (process_latent_in multiplies by it)
 KEY = "svdiff_sigma"
@@ -130,3 +136,164 @@ def test_inverted_latent_flows_through_comfyui_latent_nodes(comfy):
     ex, outputs = run_prompt(prompt, "edit-latent-nodes")
     assert ex.success, ex.status_messages
     assert len(outputs["14"]["images"]) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Item 3: sigma_data != 1 (EDM-type models), plain PyTorch
+# ---------------------------------------------------------------------------------------
+
+
+def gaussian_denoiser(s2, calls=None):
+    """Exact denoiser for data x0 ~ N(0, s2 I): D(x, sigma) = s2 / (s2 + sigma^2) x."""
+
+    def D(x, sigma):
+        if calls is not None:
+            calls.append((x.clone(), float(sigma)))
+        return s2 / (s2 + float(sigma) ** 2) * x
+
+    return D
+
+
+def karras(n, smin=0.002, smax=80.0, rho=7.0):
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    s = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def test_plain_inversion_evaluates_where_the_network_sees_the_same_input():
+    """Plain DDIM inversion's z_hi ~ z_lo in the model's unit-variance input x / sqrt(sigma^2 + sigma_data^2)."""
+    d = 0.5
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * d
+    calls = []
+    inv.inverse_step(gaussian_denoiser(d**2, calls), x0, torch.tensor(0.0), torch.tensor(0.7), sigma_data=d)
+    x_eval, s = calls[0]
+    assert s == pytest.approx(0.7)
+    assert torch.allclose(x_eval / math.sqrt(s**2 + d**2), x0 / d, rtol=1e-6, atol=1e-6)
+
+
+def test_plain_inversion_with_sigma_data_round_trips_gaussian_data_far_closer():
+    """For data N(0, sigma_data^2) the flow is x(sigma) = x0 sqrt(sigma^2 + sigma_data^2) / sigma_data, so
+    evaluating at the sigma_data-aware point leaves only Euler's own error: the round trip's
+    error falls like 1/steps^2 (sigma_data 1 assumed: like 1/steps)."""
+    d = 0.5
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * d
+    D = gaussian_denoiser(d**2)
+
+    def err(sd, steps):
+        sig = karras(steps)
+        xT = inv.ddim_invert(D, x0, sig, 0, sigma_data=sd)
+        return (inv.ddim_sample(D, xT, sig) - x0).abs().mean().item()
+
+    right, wrong = err(d, 30), err(1.0, 30)
+    assert right * 5 < wrong, (right, wrong)
+    assert err(d, 12) / right > 5 and err(1.0, 12) / wrong < 3  # (30/12)^2 = 6.25, 30/12 = 2.5
+
+
+def test_slerp_scale_uses_sigma_data():
+    d, s = 0.5, 1.0
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    out = inv.slerp_noise(z, eps, 1.0, s, sigma_data=d)
+    assert torch.allclose(out, eps * math.sqrt(s**2 + d**2))
+    half = inv.slerp_noise(z, eps, 0.5, s, sigma_data=d)
+    assert torch.allclose(half, inv.slerp(0.5, z / math.sqrt(s**2 + d**2), eps) * math.sqrt(s**2 + d**2))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(inv.InversionError, match="sigma_data"):
+            inv.slerp_noise(z, eps, 0.5, s, sigma_data=bad)
+        with pytest.raises(inv.InversionError, match="sigma_data"):
+            inv.inverse_step(gaussian_denoiser(0.25), z, torch.tensor(0.0), torch.tensor(0.7), sigma_data=bad)
+
+
+# ---------------------------------------------------------------------------------------
+# Item 3 in ComfyUI: the tiny model as an EDM-type model (sigma_data 0.5)
+# ---------------------------------------------------------------------------------------
+
+SIGMA_DATA = 0.5
+SIGMA_MAX = 120.0
+
+
+def edm_model(mp, k=0.1, calls=None):
+    """The tiny model with ComfyUI's own ModelSamplingContinuousEDM ("edm": sigma_data 0.5) and
+    its network output F damped by ``k``: D = c_skip x + k c_out F.  A random network's F is
+    far rougher than a trained one's; with k small the denoiser is close to the optimal one for
+    data N(0, sigma_data^2), as a trained EDM model is at high noise.  ``calls`` records the
+    (x, sigma) of every evaluation."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+
+    m = ModelSamplingContinuousEDM().patch(mp, "edm", SIGMA_MAX, 0.002)[0]
+    d = SIGMA_DATA
+
+    def wrapper(apply_model, args):
+        x, t = args["input"], args["timestep"]
+        if calls is not None:
+            calls.append((x.clone(), t.clone()))
+        c_skip = d**2 / (t.reshape(-1, *[1] * (x.ndim - 1)) ** 2 + d**2)
+        return c_skip * x + k * (apply_model(x, t, **args["c"]) - c_skip * x)
+
+    m.set_model_unet_function_wrapper(wrapper)
+    return m
+
+
+def model_err(a, b):
+    return ((a["samples"] - b["samples"]) * SCALE).abs().mean().item()
+
+
+def test_compat_reads_sigma_data(tiny):
+    from svdiff_testkit.comfy_env import pack_module
+
+    compat = pack_module("nodes.comfy_compat")
+    mp, _ = tiny
+    assert compat.sigma_data(mp.get_model_object("model_sampling")) == 1.0
+    assert compat.sigma_data(edm_model(mp).get_model_object("model_sampling")) == SIGMA_DATA
+
+
+def test_edm_inversion_evaluates_at_the_sigma_data_point_and_round_trips(tiny):
+    import nodes
+
+    mp, clip = tiny
+    pos = encode(clip, "a photo of a red chair")
+    lat = unit_latent(4, std=SIGMA_DATA)
+    # one step 0 -> sigma_max: the network's input c_in * x is x0 / sigma_data, as at sigma 0
+    calls = []
+    _, one_sig = invert(edm_model(mp, calls=calls), pos, lat, 1, 0, scheduler="karras")
+    x_eval, t = calls[0]
+    s = float(t[0])
+    assert len(one_sig) == 2 and s == pytest.approx(SIGMA_MAX, rel=1e-5)
+    x0 = lat["samples"] * SCALE
+    assert torch.allclose(x_eval / math.sqrt(s**2 + SIGMA_DATA**2), x0 / SIGMA_DATA, rtol=1e-5, atol=1e-5)
+    m = edm_model(mp)
+    steps = 20
+    inv_lat, sig = invert(m, pos, lat, steps, 0, scheduler="karras")
+    assert inv_lat[KEY] == float(sig[0]) == pytest.approx(SIGMA_MAX, rel=1e-5)
+
+    def back(x):
+        with torch.inference_mode():
+            return nodes.KSamplerAdvanced().sample(m, "disable", 0, steps, 1.0, "ddim", "karras", pos, pos, x, 0, 10000, "disable")[0]
+
+    e_plain = model_err(back(inv_lat), lat)
+    e_ref = model_err(back(invert(m, pos, lat, steps, 4, scheduler="karras")[0]), lat)
+    print(f"\nEDM round trip (model-space mean |err|, data std {SIGMA_DATA}): plain {e_plain:.3e}, refined(4) {e_ref:.3e}")
+    # sigma_data taken as 1 instead: plain 0.089, refined 1.6e-3
+    assert e_plain < 0.04 and e_ref < 1e-3
+
+
+def test_edm_slerp_endpoint_has_the_models_starting_scale(tiny):
+    import comfy.sample
+
+    mp, clip = tiny
+    m = edm_model(mp)
+    ms = m.get_model_object("model_sampling")
+    lat, sig = invert(m, encode(clip, "a photo of a red chair"), unit_latent(5, std=SIGMA_DATA), 3, 0, scheduler="karras")
+    eps = comfy.sample.prepare_noise(lat["samples"], 7)
+    s = torch.tensor(float(sig[0]))
+    z1 = slerp(m, lat, 1.0, 7)["samples"] * SCALE
+    # what KSampler starts from at sigma_max (ComfyUI writes sqrt(1 + sigma^2) there; at sigma 120
+    # that is sqrt(sigma^2 + sigma_data^2) to 3e-5)
+    start = ms.noise_scaling(s, eps, torch.zeros_like(eps), max_denoise=True)
+    assert torch.allclose(z1, start, rtol=1e-4, atol=1e-5)
+    # exactly: the network sees unit noise, c_in * z = eps
+    assert torch.allclose(ms.calculate_input(s, z1), eps, rtol=1e-6, atol=1e-6)
+    # and at a low sigma (a partial inversion), where sigma_data matters
+    low = torch.tensor([1.0, 0.5, 0.0])
+    z_low = slerp(m, lat, 1.0, 7, low)["samples"] * SCALE
+    assert torch.allclose(ms.calculate_input(low[0], z_low), eps, rtol=1e-5, atol=1e-5)
