@@ -366,6 +366,18 @@ def is_ve_eps_or_v(model_sampling) -> bool:
             and getattr(cls, "inverse_noise_scaling", None) is eps.inverse_noise_scaling)
 
 
+def sigma_data(model_sampling) -> float:
+    """The data's standard deviation the model's noise schedule assumes (``sigma_data``).
+
+    Touches ``model_sampling.sigma_data`` (set by ``ModelSamplingDiscrete`` and
+    ``ModelSamplingContinuousEDM.set_parameters`` in both versions): 1.0 for SD1.x, SD2.x
+    and SDXL, 0.5 for EDM-type models (``ModelSamplingContinuousEDM`` "edm", Playground
+    v2.5).  Read by ``calculate_input`` and EDM's ``calculate_denoised``; a model_sampling
+    without the attribute is taken as 1.0.
+    """
+    return float(getattr(model_sampling, "sigma_data", 1.0))
+
+
 # --------------------------------------------------------------------------------------
 # LoRA machinery
 # --------------------------------------------------------------------------------------

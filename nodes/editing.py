@@ -50,6 +50,14 @@ def require_eps_or_v(node: str, model_sampling) -> None:
         )
 
 
+def model_sigma_data(node: str, model_sampling) -> float:
+    """The model's sigma_data (1 for SD1.x/SD2.x/SDXL, 0.5 for EDM-type models), checked."""
+    try:
+        return inversion.check_sigma_data(compat.sigma_data(model_sampling))
+    except inversion.InversionError as e:
+        raise SVDiffNodeError(node, f"model: its noise schedule's {e}") from None
+
+
 def check_latent(node: str, samples, field: str = "latent") -> None:
     if not isinstance(samples, torch.Tensor) or getattr(samples, "is_nested", False):
         raise SVDiffNodeError(node, f"{field}: expected a plain latent tensor")
@@ -78,6 +86,50 @@ def inversion_sigmas(model, scheduler: str, steps: int, start_at_step: int, end_
     else:
         sigmas = sigmas[-1:]
     return sigmas
+
+
+# DDIM Invert records the sigma its LATENT was inverted to, and the samples that sigma
+# describes (a reference, no copy): nodes that copy the dict and replace the samples
+# (KSampler, Latent Multiply, ...) carry both keys along, and Slerp Noise then sees that
+# the samples are no longer the ones the sigma was recorded for.
+SIGMA_KEY = "svdiff_sigma"
+SIGMA_SAMPLES_KEY = "svdiff_sigma_samples"
+
+
+def record_sigma(latent: dict, samples: torch.Tensor, sigma: float) -> dict:
+    """A copy of ``latent`` with ``samples`` and the noise level ``sigma`` they are at."""
+    out = latent.copy()
+    out["samples"] = samples
+    out[SIGMA_KEY] = float(sigma)
+    out[SIGMA_SAMPLES_KEY] = samples
+    return out
+
+
+def _same_samples(recorded, samples: torch.Tensor) -> bool:
+    """Whether every sample of ``samples`` is one of ``recorded``'s (so batch copies, slices
+    and concatenations of the recorded samples qualify)."""
+    if not isinstance(recorded, torch.Tensor) or recorded.shape[1:] != samples.shape[1:]:
+        return False
+    rec = recorded.to(device=samples.device, dtype=samples.dtype).reshape(recorded.shape[0], -1)
+    cur = samples.reshape(samples.shape[0], -1)
+    return all(any(torch.equal(c, r) for r in rec) for c in cur)
+
+
+def recorded_sigma(node: str, latent: dict, samples: torch.Tensor) -> float:
+    """The sigma DDIM Invert recorded for these samples; an error naming ``sigmas`` otherwise."""
+    if SIGMA_KEY not in latent:
+        raise SVDiffNodeError(
+            node,
+            "sigmas: not connected, and the latent carries no noise level from DDIM Invert; "
+            "connect DDIM Invert's SIGMAS (its first value is the latent's noise level)",
+        )
+    if not _same_samples(latent.get(SIGMA_SAMPLES_KEY), samples):
+        raise SVDiffNodeError(
+            node,
+            f"sigmas: the latent was changed after DDIM Invert recorded its noise level "
+            f"({latent[SIGMA_KEY]:.4g}); connect the SIGMAS whose first value is its noise level",
+        )
+    return float(latent[SIGMA_KEY])
 
 
 def _denoiser(model_k, x, extra_args):
@@ -121,7 +173,8 @@ class SVDiffDDIMInvert(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt, used only when cfg is not 1."),
             ],
             outputs=[
-                io.Latent.Output(display_name="LATENT", tooltip="The inverted noisy latent, in the raw scale KSamplerAdvanced (add_noise disable) expects."),
+                io.Latent.Output(display_name="LATENT", tooltip="The inverted noisy latent, in the raw scale KSamplerAdvanced (add_noise disable) expects. "
+                                                                "It records the noise level it was inverted to, which Slerp Noise reads when its sigmas input is unconnected."),
                 io.Sigmas.Output(display_name="SIGMAS", tooltip="The sigmas inverted along (descending, as a sampler uses them); the first is the latent's noise level."),
             ],
         )
@@ -132,6 +185,7 @@ class SVDiffDDIMInvert(io.ComfyNode):
         check_latent(INVERT, samples)
         ms = model.get_model_object("model_sampling")
         require_eps_or_v(INVERT, ms)
+        sigma_data = model_sigma_data(INVERT, ms)
         if scheduler not in comfy.samplers.SCHEDULER_NAMES:
             raise SVDiffNodeError(INVERT, f"scheduler: unknown scheduler {scheduler!r}")
         if steps < 1:
@@ -144,7 +198,7 @@ class SVDiffDDIMInvert(io.ComfyNode):
         sigmas = inversion_sigmas(model, scheduler, steps, start_at_step, end_at_step)
         if len(sigmas) < 2:
             log.warning("[%s] start_at_step %d leaves no step to invert; the latent is returned unchanged", INVERT, start_at_step)
-            return io.NodeOutput(latent, sigmas)
+            return io.NodeOutput(record_sigma(latent, samples, float(sigmas[0])), sigmas)
 
         n_steps = len(sigmas) - 1
         pbar = progress(n_steps * (int(refine_iterations) + 1))
@@ -155,7 +209,7 @@ class SVDiffDDIMInvert(io.ComfyNode):
 
         def invert_fn(model_k, x, sigmas_, extra_args=None, callback=None, disable=None):
             den = _denoiser(model_k, x, extra_args or {})
-            return inversion.ddim_invert(den, x, sigmas_, int(refine_iterations), on_eval=on_eval)
+            return inversion.ddim_invert(den, x, sigmas_, int(refine_iterations), on_eval=on_eval, sigma_data=sigma_data)
 
         guider = comfy.samplers.CFGGuider(model)
         if negative is None:
@@ -172,9 +226,7 @@ class SVDiffDDIMInvert(io.ComfyNode):
         out = out.to(samples.device)
         if not torch.isfinite(out).all():
             raise SVDiffNodeError(INVERT, "the inversion produced NaN/inf values (check the model and the latent)")
-        result = latent.copy()
-        result["samples"] = out
-        return io.NodeOutput(result, sigmas)
+        return io.NodeOutput(record_sigma(latent, out, float(sigmas[0])), sigmas)
 
 
 class SVDiffDDIMSampler(io.ComfyNode):
@@ -250,8 +302,8 @@ class SVDiffSlerpNoise(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the fresh noise (ComfyUI's CPU noise, as KSampler makes it)."),
                 io.Sigmas.Input("sigmas", optional=True,
-                                tooltip="DDIM Invert's SIGMAS: its first value is the latent's noise level. Without it the model's "
-                                        "largest sigma (a full inversion) is assumed."),
+                                tooltip="DDIM Invert's SIGMAS: its first value is the latent's noise level. Unconnected, the noise level "
+                                        "DDIM Invert recorded in the LATENT is used; a latent without one (or changed since) is refused."),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -265,21 +317,26 @@ class SVDiffSlerpNoise(io.ComfyNode):
             raise SVDiffNodeError(SLERP, f"alpha: must be in [0, 1], got {alpha}")
         ms = model.get_model_object("model_sampling")
         require_eps_or_v(SLERP, ms)
-        if sigmas is not None and len(sigmas) > 0:
-            sigma = float(sigmas[0])
-        else:
-            sigma = float(ms.sigma_max)
+        sigma_data = model_sigma_data(SLERP, ms)
+        sigma = slerp_sigma(latent, samples, sigmas)
         if alpha == 0.0:
-            return io.NodeOutput(latent.copy())
+            return io.NodeOutput(record_sigma(latent, samples, sigma))
         eps = comfy.sample.prepare_noise(samples, int(seed), latent.get("batch_index"))
         z = model.model.process_latent_in(samples.float())
         try:
-            mixed = inversion.slerp_noise(z, eps.to(z.device, torch.float32), alpha, sigma)
+            mixed = inversion.slerp_noise(z, eps.to(z.device, torch.float32), alpha, sigma, sigma_data)
         except inversion.InversionError as e:
             raise SVDiffNodeError(SLERP, f"latent: {e}") from None
-        out = latent.copy()
-        out["samples"] = model.model.process_latent_out(mixed).to(samples.dtype)
-        return io.NodeOutput(out)
+        return io.NodeOutput(record_sigma(latent, model.model.process_latent_out(mixed).to(samples.dtype), sigma))
+
+
+def slerp_sigma(latent: dict, samples: torch.Tensor, sigmas) -> float:
+    """The latent's noise level: SIGMAS' first value when connected, else the one DDIM Invert recorded."""
+    if sigmas is None:
+        return recorded_sigma(SLERP, latent, samples)
+    if len(sigmas) == 0:
+        raise SVDiffNodeError(SLERP, "sigmas: empty; connect DDIM Invert's SIGMAS (its first value is the latent's noise level)")
+    return float(sigmas[0])
 
 
 NODES = [SVDiffDDIMInvert, SVDiffDDIMSampler, SVDiffSlerpNoise]

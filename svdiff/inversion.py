@@ -12,6 +12,9 @@ step in z is exactly an Euler step of the probability-flow ODE ``dx/dsigma = eps
 - :func:`inverse_step` / :func:`ddim_invert`: Eq. 6, ``z_T = DDIMInvert(z*, c; theta')``,
   the step that exactly mirrors :func:`euler_step`, with optional fixed-point refinement.
 - :func:`slerp` / :func:`slerp_noise`: Eq. 7, with the sigma-scale normalisation.
+- :func:`unit_scale`: ``sqrt(sigma^2 + sigma_data^2)``, the scale of a latent at sigma, which
+  the inversion and the slerp divide by; ``sigma_data`` (the data's standard deviation, 1
+  for SD1.x/SD2.x/SDXL, 0.5 for EDM-type models such as Playground v2.5) is passed in.
 
 Plain PyTorch; no ComfyUI.  A *denoiser* is any callable ``denoise(x, sigma) -> x0_hat``
 with ``sigma`` a 0-dim tensor (the glue in ``nodes/editing.py`` wraps ComfyUI's guider).
@@ -50,6 +53,8 @@ def ddim_eta_sigmas(sigma: float, sigma_next: float, eta: float) -> tuple[float,
         sigma_down = sqrt(sigma_next^2 - sigma_up^2)
 
     so that ``x_next = x0_hat + sigma_down * eps_hat + sigma_up * z``, z ~ N(0, I).
+    The data scale cancels: with ``abar = sigma_data^2 / (sigma^2 + sigma_data^2)`` (an
+    EDM-type model, see :func:`unit_scale`) the same two formulas follow.
     ``eta`` must lie in [0, 1] (1 = the DDPM posterior variance).
     """
     eta = float(eta)
@@ -111,6 +116,34 @@ def ddim_sample(
 
 
 # ---------------------------------------------------------------------------------------
+# The unit scale at sigma (sigma_data)
+# ---------------------------------------------------------------------------------------
+
+
+def check_sigma_data(sigma_data: float) -> float:
+    """``sigma_data`` as a float, refused unless finite and > 0."""
+    sigma_data = float(sigma_data)
+    if not math.isfinite(sigma_data) or sigma_data <= 0.0:
+        raise InversionError(f"sigma_data must be finite and > 0, got {sigma_data}")
+    return sigma_data
+
+
+def unit_scale(sigma: float, sigma_data: float = 1.0) -> float:
+    """``sqrt(sigma^2 + sigma_data^2)``: the standard deviation of a latent at noise level sigma.
+
+    With VE noise ``x = x0 + sigma * n``, data of standard deviation ``sigma_data`` and unit
+    noise n independent of it, ``Var(x) = sigma_data^2 + sigma^2``.  The model's input is
+    ``c_in * x = x / sqrt(sigma^2 + sigma_data^2)`` (Karras et al. 2022, Table 1; ComfyUI's
+    ``calculate_input``), a unit-variance latent: DDIM's variance-preserving latent
+    ``z = sqrt(abar) * x`` with ``abar = sigma_data^2 / (sigma^2 + sigma_data^2)``, up to the
+    constant factor 1/sigma_data.  For sigma_data = 1 (SD1.x, SD2.x, SDXL) this is the
+    familiar ``sqrt(1 + sigma^2) = 1 / sqrt(abar)``.
+    """
+    sigma_data = check_sigma_data(sigma_data)
+    return math.sqrt(float(sigma) ** 2 + sigma_data**2)
+
+
+# ---------------------------------------------------------------------------------------
 # DDIM inversion (Eq. 6)
 # ---------------------------------------------------------------------------------------
 
@@ -122,6 +155,7 @@ def inverse_step(
     sigma_hi: torch.Tensor,
     refine_iterations: int = 0,
     on_eval: Optional[Callable[[], None]] = None,
+    sigma_data: float = 1.0,
 ) -> torch.Tensor:
     """Invert one :func:`euler_step`: find ``x_hi`` with ``euler_step(x_hi, D(x_hi, sigma_hi), sigma_hi, sigma_lo) = x_lo``.
 
@@ -130,10 +164,16 @@ def inverse_step(
     in DDIM Sec. 4.3 and diffusers' DDIMInverseScheduler) approximates the unknown
     ``x_hi`` by the known latent in DDIM's variance-preserving scale, ``z_hi ~ z_lo``: the
     network sees ``z_lo`` labelled with the *target* level, i.e. ``eps_hat(x_lo * r, sigma_hi)``
-    with ``r = sqrt((1 + sigma_hi^2) / (1 + sigma_lo^2))``.  It only divides by sigma_hi, never
-    by sigma_lo (which is 0 at the clean end).  ``refine_iterations`` > 0 then iterates the
-    fixed point, one more model evaluation each, so that sampling back retraces the path far
-    more closely.
+    with ``r = unit_scale(sigma_hi) / unit_scale(sigma_lo)
+    = sqrt((sigma_hi^2 + sigma_data^2) / (sigma_lo^2 + sigma_data^2))``, so that the model's
+    input ``x / sqrt(sigma^2 + sigma_data^2)`` is the same at both levels (see
+    :func:`unit_scale`; ``sqrt((1 + sigma_hi^2) / (1 + sigma_lo^2))`` for sigma_data = 1).
+    ``r`` is also the exact flow of the probability-flow ODE for Gaussian data
+    ``x0 ~ N(0, sigma_data^2 I)``: then ``D(x, sigma) = x sigma_data^2 / (sigma^2 + sigma_data^2)``,
+    ``dx/dsigma = x sigma / (sigma^2 + sigma_data^2)`` and ``x(sigma)`` is proportional to
+    ``sqrt(sigma^2 + sigma_data^2)``.  It only divides by sigma_hi, never by sigma_lo (which
+    is 0 at the clean end).  ``refine_iterations`` > 0 then iterates the fixed point, one
+    more model evaluation each, so that sampling back retraces the path far more closely.
     """
     if float(sigma_hi) <= 0.0:
         raise InversionError(f"inverse step needs sigma_hi > 0, got {float(sigma_hi)}")
@@ -145,7 +185,8 @@ def inverse_step(
         d = (x_eval - denoise(x_eval, sigma_hi)) / sigma_hi
         return x_lo - d * dt
 
-    r = math.sqrt((1.0 + float(sigma_hi) ** 2) / (1.0 + float(sigma_lo) ** 2))
+    d2 = check_sigma_data(sigma_data) ** 2
+    r = math.sqrt((float(sigma_hi) ** 2 + d2) / (float(sigma_lo) ** 2 + d2))
     x_hi = step_from(x_lo * r)
     for _ in range(int(refine_iterations)):
         x_hi = step_from(x_hi)
@@ -160,14 +201,17 @@ def ddim_invert(
     refine_iterations: int = 0,
     callback: StepCallback = None,
     on_eval: Optional[Callable[[], None]] = None,
+    sigma_data: float = 1.0,
 ) -> torch.Tensor:
     """Eq. 6: ``z_T = DDIMInvert(z*, c; theta')`` along the *sampling* sigmas (descending).
 
     ``x0`` is the latent at ``sigmas[-1]`` (normally 0, a clean VAE-encoded latent); the
     result is the latent at ``sigmas[0]`` from which :func:`ddim_sample` with eta = 0 on the
     same sigmas (ComfyUI's "ddim"/Euler) walks back to ``x0``.  Steps are inverted from the
-    last to the first with :func:`inverse_step`; ``callback(k, x)`` runs after each of them.
+    last to the first with :func:`inverse_step` (``sigma_data``: the model's, see
+    :func:`unit_scale`); ``callback(k, x)`` runs after each of them.
     """
+    check_sigma_data(sigma_data)
     sig = [s for s in sigmas]
     for a, b in zip(sig[:-1], sig[1:]):
         if not float(a) > float(b):
@@ -176,7 +220,7 @@ def ddim_invert(
     n = len(sig) - 1
     for k in range(n):
         i = n - 1 - k  # invert sampler step i: sigmas[i] -> sigmas[i + 1]
-        x = inverse_step(denoise, x, sig[i + 1], sig[i], refine_iterations, on_eval)
+        x = inverse_step(denoise, x, sig[i + 1], sig[i], refine_iterations, on_eval, sigma_data)
         if callback is not None:
             callback(k, x)
     return x
@@ -223,14 +267,21 @@ def slerp(alpha: float, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return out.reshape(z.shape).to(z.dtype)
 
 
-def slerp_noise(z_T: torch.Tensor, eps: torch.Tensor, alpha: float, sigma_start: float) -> torch.Tensor:
-    """Eq. 7 at the sigma the latent was inverted to: ``s * slerp(alpha, z_T / s, eps)``, ``s = sqrt(sigma^2 + 1)``.
+def slerp_noise(z_T: torch.Tensor, eps: torch.Tensor, alpha: float, sigma_start: float,
+                sigma_data: float = 1.0) -> torch.Tensor:
+    """Eq. 7 at the sigma the latent was inverted to: ``s * slerp(alpha, z_T / s, eps)``, ``s = sqrt(sigma^2 + sigma_data^2)``.
 
     ``z_T`` is the inverted latent in the model's (VE) latent space at ``sigma_start``, the
-    first sigma the sampler will use; ``eps`` is unit Gaussian noise.  Dividing by ``s``
-    brings ``z_T`` to the unit scale of ``eps`` (DDIM's VP latent ``sqrt(abar) x`` with
-    ``abar = 1 / (1 + sigma^2)``), so ``alpha`` = 1 gives ``s * eps``, exactly the noise a
-    sampler starts from at ``sigma_start``, and ``alpha`` = 0.5 is a true half-way point.
+    first sigma the sampler will use; ``eps`` is unit Gaussian noise.  Dividing by
+    ``s = unit_scale(sigma_start, sigma_data)`` brings ``z_T``, whose variance is
+    ``sigma^2 + sigma_data^2``, to the unit scale of ``eps`` (the model's input
+    ``x / sqrt(sigma^2 + sigma_data^2)``, DDIM's VP latent; see :func:`unit_scale`), so
+    ``alpha`` = 0.5 is a true half-way point and ``alpha`` = 1 gives ``s * eps``, the noise
+    the model expects at ``sigma_start`` (its input is then exactly ``eps``).  For
+    sigma_data = 1 that is ``sqrt(1 + sigma^2) * eps``, exactly what ComfyUI's KSampler
+    starts from at sigma_max; ComfyUI writes ``sqrt(1 + sigma^2)`` there for every model,
+    which for an EDM-type model (sigma_data 0.5, sigma_max 80 or more) differs from ``s`` by
+    less than 1e-4 relative.
     """
     check_latent(z_T, "inverted latent")
     if eps.shape != z_T.shape:
@@ -241,9 +292,9 @@ def slerp_noise(z_T: torch.Tensor, eps: torch.Tensor, alpha: float, sigma_start:
     sigma_start = float(sigma_start)
     if not math.isfinite(sigma_start) or sigma_start < 0:
         raise InversionError(f"sigma must be finite and >= 0, got {sigma_start}")
+    s = unit_scale(sigma_start, sigma_data)
     if alpha == 0.0:
         return z_T.clone()
-    s = math.sqrt(sigma_start**2 + 1.0)
     if alpha == 1.0:
         return eps.to(z_T.dtype) * s
     return slerp(alpha, z_T / s, eps.to(z_T.dtype)) * s

@@ -217,10 +217,9 @@ def test_slerp_node_end_points_norms_and_batch(tiny):
     lat2["samples"][1] *= -3
     half2 = slerp(mp, lat2, 0.5, 3, sig)["samples"]
     assert torch.equal(half2[0], half[0]) and not torch.equal(half2[1], half[1])
-    # without sigmas, the model's sigma_max (a full inversion) is assumed
-    smax = float(mp.get_model_object("model_sampling").sigma_max)
-    full = slerp(mp, lat, 1.0, 3)
-    assert torch.allclose(full["samples"] * SCALE, eps * math.sqrt(1 + smax**2), rtol=1e-6, atol=1e-5)
+    # without sigmas, a latent that DDIM Invert did not record a noise level in is refused
+    with pytest.raises(ValueError, match=r"\[Slerp Noise\] sigmas:"):
+        slerp(mp, lat, 1.0, 3)
 
 
 @pytest.mark.parametrize("bad", ["zero", "nan"])
