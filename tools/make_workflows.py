@@ -248,7 +248,7 @@ def wf_style_mixing(defs):
 
 
 def wf_inspect(defs):
-    """07: inspecting shifts: norms and the similarity heat map (Fig. 10a / 9a)."""
+    """07: inspecting shifts: norms and the similarity heat map (Fig. 9(a), appendix Fig. 15)."""
     b, ck = start(
         defs,
         "SVDiff: inspecting spectral shifts (paper Fig. 9a, appendix Fig. 15).\n\n"
