@@ -134,8 +134,11 @@ def wf_single_subject(defs):
         "prior-preservation loss on images of the class ('a robot') that the model generates itself. "
         "Paper: 500-1000 steps, batch 1, learning rate 1e-3 for the spectral shifts and 1e-6 for 1-D "
         "weights. Save Spectral Shift writes models/svdiff/my_subject_00001_.safetensors; the sampler "
-        "then shows the subject in a new context (DDIM, eta 0, 50 steps). Replace the pictures with "
-        "your own (copy them into ComfyUI's input folder).",
+        "then shows the subject in a new context (DDIM, eta 0, 50 steps). While it trains the node shows "
+        "a preview of 'photo of a sks robot' with the current shift every 100 steps (and the base model's "
+        "before the first step), with loss, s/step and ETA; the previews (samples over time) and the "
+        "loss curve (Plot Loss Graph) are shown after the run. Replace the pictures with your own (copy "
+        "them into ComfyUI's input folder).",
     )
     imgs = load_images(b, ["robot_01.png", "robot_02.png", "robot_03.png"], col=1)
     tr = b.node("SVDiffTrain", col=3, prompt="photo of a sks robot", class_prompt="photo of a robot",
@@ -145,6 +148,8 @@ def wf_single_subject(defs):
     sv = b.node("SVDiffSaveShift", col=4, filename_prefix="my_subject",
                 description="toy robot, token 'sks robot' (SVDiff single-subject workflow)")
     wire(b, sv, shift=(tr, 2))
+    wire(b, b.node("PreviewImage", title="Previews during training", col=4), images=(tr, 5))
+    wire(b, b.node("LossGraphNode", col=4, filename_prefix="svdiff/loss_graph"), loss=(tr, 3))
     sampler_chain(b, (tr, 0), (tr, 1), (ck, 2), col=4, prompt="a photo of sks robot on the beach, sunset",
                   prefix="svdiff/single_subject")
     return b.build()
