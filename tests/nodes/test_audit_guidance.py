@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import svdiff.guidance as G
+from svdiff_testkit.sampling import encode, node, sample
 
-STEPS = 3
 NODE = r"\[Negative-Prompt Guider \(Eq. 9\)\] "
 
 
@@ -36,23 +36,6 @@ def test_weighted_negative_formula_and_limits():
 # --------------------------------------------------------------------------------------
 # In ComfyUI
 # --------------------------------------------------------------------------------------
-def node(name):
-    import nodes
-
-    return nodes.NODE_CLASS_MAPPINGS[name]
-
-
-def encode(clip, text):
-    return node("CLIPTextEncode")().encode(clip, text)[0]
-
-
-def sample(model, guider, seed=4, hw=8, steps=STEPS):
-    noise = node("RandomNoise").execute(seed).result[0]
-    sampler = node("KSamplerSelect").execute("euler").result[0]
-    sigmas = node("BasicScheduler").execute(model, "normal", steps, 1.0).result[0]
-    latent = {"samples": torch.zeros(1, 4, hw, hw)}
-    out = node("SamplerCustomAdvanced").execute(noise, guider, sampler, sigmas, latent).result[0]
-    return out["samples"].clone()
 
 
 def neg_guider(model, pos, neg, empty, cfg, beta, **more):
