@@ -25,9 +25,9 @@ PACK_MODULE = "custom_nodes.ComfyUI-SVDiff"
 
 
 def pack_node_ids_from_source() -> set:
-    """Node ids declared in nodes/*.py (independent of what the server reports)."""
+    """Node ids declared under nodes/ (independent of what the server reports)."""
     ids = set()
-    for p in glob.glob(os.path.join(REPO, "nodes", "*.py")):
+    for p in glob.glob(os.path.join(REPO, "nodes", "**", "*.py"), recursive=True):
         with open(p, encoding="utf-8") as f:
             ids |= set(re.findall(r'node_id\s*=\s*"([A-Za-z0-9_]+)"', f.read()))
     return ids
