@@ -3,7 +3,7 @@
 The pack supports ComfyUI 0.3.75 and 0.33.x.  Each function below is one touch point: what
 the pack needs from ComfyUI's internals, handled for both versions by feature detection
 (attributes, signatures), never by comparing version numbers.  Its docstring names the
-ComfyUI change it absorbs.  ``tests/test_comfy_compat.py`` has a test per touch point that
+ComfyUI change it absorbs.  ``tests/nodes/test_comfy_compat.py`` has a test per touch point that
 runs on every supported version.
 
 Public extension points (``ModelPatcher.clone/add_patches/set_injections``, callbacks,
