@@ -6,7 +6,13 @@ They are stand-ins for a user's own photos: a toy robot (the "subject" of the si
 workflow, 3 views), a rubber duck (the second subject of the multi-subject workflow,
 2 views) and a scene with a cup (the single image of the editing workflow).
 
+It also draws the pack's icon (``assets/icon.png``, 256x256, what ``[tool.comfy] Icon`` in
+pyproject.toml points to for the Comfy Registry): a model's singular values as descending
+bars, each with its learned spectral shift (SVDiff's ``sigma + delta``) drawn as a coloured
+cap that moves the bar's top up or down.
+
 Run: ``.venv/bin/python tools/make_assets.py`` (deterministic; rewrites assets/*.png).
+The icon is not a sample picture: the harness does not copy it into ComfyUI's input folder.
 """
 
 from __future__ import annotations
@@ -90,8 +96,50 @@ PICTURES = [
 ]
 
 
+ICON = "icon.png"
+ICON_SIZE = 256  # the Comfy Registry wants a square icon of at most 400x400
+
+
+def icon(size: int = ICON_SIZE) -> Image.Image:
+    """The pack's icon: singular values (grey bars, descending) and their shifts (caps).
+
+    Drawn at 4x and reduced (smooth edges with plain ImageDraw); no randomness.
+    """
+    k = 4
+    n = size * k
+    img = Image.new("RGBA", (n, n), (0, 0, 0, 0))  # transparent outside the rounded square
+    d = ImageDraw.Draw(img)
+    d.rounded_rectangle([0, 0, n - 1, n - 1], radius=int(n * 0.18), fill=(28, 32, 48))
+    sigmas = [0.86, 0.68, 0.54, 0.43, 0.34, 0.27, 0.21]         # a descending spectrum
+    deltas = [0.07, -0.09, 0.10, -0.06, 0.09, -0.05, 0.08]      # the learned shifts
+    left, right, base = int(n * 0.14), int(n * 0.86), int(n * 0.84)
+    slot = (right - left) / len(sigmas)
+    bar = slot * 0.62
+    height = n * 0.66
+    for i, (s, dl) in enumerate(zip(sigmas, deltas)):
+        x0 = left + i * slot + (slot - bar) / 2
+        x1 = x0 + bar
+        top, shifted = base - s * height, base - (s + dl) * height
+        d.rectangle([x0, min(top, shifted), x1, base], fill=(120, 128, 150))  # sigma
+        if dl > 0:   # the shift raises the value: a warm cap above the old top
+            d.rectangle([x0, shifted, x1, top], fill=(255, 170, 60))
+        else:        # the shift lowers it: the removed part as a cool outline
+            d.rectangle([x0, top, x1, shifted], fill=(28, 32, 48), outline=(90, 200, 240), width=2 * k)
+        d.line([x0 - 3 * k, shifted, x1 + 3 * k, shifted], fill=(255, 255, 255), width=3 * k)  # sigma + delta
+    d.line([left - 4 * k, base + 2 * k, right + 4 * k, base + 2 * k], fill=(200, 204, 216), width=3 * k)
+    return img.resize((size, size), Image.LANCZOS)
+
+
+def write_icon() -> str:
+    path = os.path.join(OUT, ICON)
+    icon().save(path, optimize=True)
+    return path
+
+
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
+    path = write_icon()
+    print(f"{path} ({os.path.getsize(path)} bytes)")
     for i, (name, bg, draw) in enumerate(PICTURES):
         rnd = random.Random(1000 + i)
         img = Image.new("RGB", (SIZE, SIZE))

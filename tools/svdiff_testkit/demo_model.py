@@ -24,6 +24,7 @@ import sys
 TOOLS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(TOOLS)
 ASSETS = os.path.join(REPO, "assets")
+ICON = "icon.png"  # assets/icon.png: the pack's icon (pyproject [tool.comfy] Icon)
 WORKFLOWS = os.path.join(REPO, "workflows")
 DEMO_NODES_DIR = os.path.join(TOOLS, "demo_nodes")
 DEMO_NODES_LINK = "SVDiffDemoModel"
@@ -104,6 +105,8 @@ def copy_assets(input_dir: str | None = None) -> list[str]:
     os.makedirs(input_dir, exist_ok=True)
     out = []
     for src in sorted(glob.glob(os.path.join(ASSETS, "*.png"))):
+        if os.path.basename(src) == ICON:  # the pack's icon, not a sample picture
+            continue
         dest = os.path.join(input_dir, os.path.basename(src))
         if not os.path.exists(dest) or os.path.getsize(dest) != os.path.getsize(src):
             shutil.copyfile(src, dest)
