@@ -3,7 +3,7 @@
 Runs, on the demo model (a small model the harness builds itself: no weights can be
 downloaded here), the single-subject workflow (twice: the robot, then the duck as a second
 subject), the single-image editing workflow and the combine/interpolate workflow, exactly as
-the editor would queue them (converted from workflows/*.json), with step counts and sizes
+the editor would queue them (converted from example_workflows/*.json), with step counts and sizes
 shrunk for a CPU.  It prints what it does with a progress bar and where the shift files and
 images are.
 
@@ -45,7 +45,7 @@ if TOOLS not in sys.path:
 from svdiff_testkit import comfy_env, demo_model  # noqa: E402
 from svdiff_testkit import workflow as W  # noqa: E402
 
-WF = os.path.join(REPO, "workflows")
+WF = os.path.join(REPO, "example_workflows")
 
 
 class ProgressServer(comfy_env.FakeServer):
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         p = prompt_of(edit)
         results.append(("single-image editing", run("04-edit", p, "3/4 edit one image"), p))
     else:
-        print("3/4 single-image editing: skipped (workflows/04_single_image_editing.json is not in this checkout)")
+        print("3/4 single-image editing: skipped (example_workflows/04_single_image_editing.json is not in this checkout)")
     # 3. combine + interpolation strip over alpha, from the two shifts just trained
     p = prompt_of("05_combine_interpolate.json")
     for k, v in p.items():
@@ -211,13 +211,13 @@ def main(argv=None) -> int:
     if sheet:
         print(f"Contact sheet (SVDiff on the toy world, meaningful at its scale): {sheet}")
         print("The workflow images above are SD1.5 workflows shrunk onto the toy model: they show the graphs run. With a "
-              "real SD1.5 checkpoint the same workflows (make serve, or drag workflows/*.json into ComfyUI) give real results.")
+              "real SD1.5 checkpoint the same workflows (make serve, or drag example_workflows/*.json into ComfyUI) give real results.")
     elif toy:
         print("The workflow images above are SD1.5 workflows shrunk onto the toy model: they show the graphs run "
               "(the contact sheet was skipped). Use a real SD1.5 checkpoint in ComfyUI for real results.")
     else:
         print("Reminder: these images come from the tiny demo model and are not meaningful; with a real SD1.5 "
-              "checkpoint the same workflows (make serve, or drag workflows/*.json into ComfyUI) give real results.")
+              "checkpoint the same workflows (make serve, or drag example_workflows/*.json into ComfyUI) give real results.")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Write the bundled workflows (``workflows/*.json``, the editor's UI format).
+"""Write the bundled workflows (``example_workflows/*.json``, the editor's UI format).
 
 Each graph is built from the node definitions of a real ComfyUI booted in-process with
 the pack loaded (so widget order, seed control values and slot types are what the editor
@@ -25,7 +25,7 @@ if TOOLS not in sys.path:
 from svdiff_testkit.demo_model import WORKFLOW_CKPT  # noqa: E402
 from svdiff_testkit.workflow import WorkflowBuilder  # noqa: E402
 
-OUT = os.path.join(REPO, "workflows")
+OUT = os.path.join(REPO, "example_workflows")
 SHIFT_FILE = "my_subject_00001_.safetensors"  # what 01_single_subject saves first
 SECOND_SHIFT = "my_second_subject_00001_.safetensors"
 NEG = "blurry, low quality, deformed"
@@ -333,7 +333,7 @@ def main() -> None:
         with open(os.path.join(OUT, name), "w", encoding="utf-8") as f:
             json.dump(wf, f, indent=2)
             f.write("\n")
-        print(f"wrote workflows/{name} ({len(wf['nodes'])} nodes, {len(wf['links'])} links)")
+        print(f"wrote example_workflows/{name} ({len(wf['nodes'])} nodes, {len(wf['links'])} links)")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ editor's own ``app.loadGraphData``; no node may be reported missing or broken, n
 dialog or error toast may show; the editor's ``app.graphToPrompt()`` must equal our
 converter's prompt (class types and every input).
 
-Screenshots go to ``build/screenshots/`` (ignored; a small copy under ``build/screenshots/docs/``).
-The tests never write tracked files: ``SVDIFF_UPDATE_SCREENSHOTS=1`` copies the small ones to
-``docs/screenshots/`` (what the README shows).
+Screenshots go to ``build/screenshots/`` (ignored; a small copy under ``build/screenshots/docs/``
+and a JPEG thumbnail of the graph under ``build/screenshots/thumbs/``).  The tests never write
+tracked files: ``SVDIFF_UPDATE_SCREENSHOTS=1`` copies the small ones to ``docs/screenshots/``
+(what the README shows) and the thumbnails to ``example_workflows/<name>.jpg`` (what the
+editor's Templates browser shows beside each workflow).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from svdiff_testkit import workflow as W
 from svdiff_testkit.comfy_env import REPO
 from svdiff_testkit.server import ComfyServer
 
-WF_DIR = os.path.join(REPO, "workflows")
+WF_DIR = os.path.join(REPO, "example_workflows")
 WORKFLOWS = W.workflow_files(WF_DIR) if os.path.isdir(WF_DIR) else []
 CHROMIUM = os.environ.get("SVDIFF_CHROMIUM", "/usr/bin/chromium")
 SHOTS = os.path.join(REPO, "build", "screenshots")
 SMALL_SHOTS = os.path.join(SHOTS, "docs")
+THUMBS = os.path.join(SHOTS, "thumbs")
+THUMB_WIDTH, THUMB_QUALITY = 512, 80  # the Templates browser's card picture: a small square JPEG
 DOC_SHOTS = os.path.join(REPO, "docs", "screenshots")
 UPDATE_DOCS = os.environ.get("SVDIFF_UPDATE_SCREENSHOTS") == "1"
 ZOOM = 0.75  # canvas zoom of the screenshots: node titles and widget values stay legible
@@ -172,6 +176,33 @@ def small_png(src: str, dest: str, width: int = 1600) -> None:
     img.save(dest, optimize=True)
 
 
+def graph_box_on_screen(page, pad: int = 16) -> list[int]:
+    """``[left, top, right, bottom]`` of the graph in screenshot pixels (with ``pad`` around)."""
+    return page.evaluate("""([b, pad]) => {
+        const c = window.app.canvas, r = c.canvas.getBoundingClientRect(), s = c.ds.scale, o = c.ds.offset;
+        return [Math.max(0, Math.floor(r.left + (b[0] + o[0]) * s - pad)),
+                Math.max(0, Math.floor(r.top + (b[1] + o[1]) * s - pad)),
+                Math.ceil(r.left + (b[0] + b[2] + o[0]) * s + pad),
+                Math.ceil(r.top + (b[1] + b[3] + o[1]) * s + pad)];
+    }""", [graph_bounds(page), pad])
+
+
+def thumbnail_jpg(src: str, dest: str, box, size: int = THUMB_WIDTH) -> None:
+    """The graph cut out of the screenshot (no editor chrome), fitted into a ``size`` square
+    on the canvas colour (the Templates browser shows a square card, cropping what overflows),
+    as JPEG."""
+    from PIL import Image
+
+    img = Image.open(src).convert("RGB")
+    img = img.crop((box[0], box[1], min(box[2], img.width), min(box[3], img.height)))
+    scale = size / max(img.width, img.height)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    square = Image.new("RGB", (size, size), img.getpixel((0, 0)))  # the padding is empty canvas
+    square.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    square.save(dest, "JPEG", quality=THUMB_QUALITY, optimize=True)
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
 def test_workflow_loads_in_editor_and_matches_converter(editor, path):
     srv, page, errors = editor
@@ -202,9 +233,12 @@ def test_workflow_loads_in_editor_and_matches_converter(editor, path):
     assert os.path.getsize(shot) > 10_000
     small = os.path.join(SMALL_SHOTS, name + ".png")
     small_png(shot, small)
+    thumb = os.path.join(THUMBS, name + ".jpg")
+    thumbnail_jpg(shot, thumb, graph_box_on_screen(page))
     if UPDATE_DOCS:
         os.makedirs(DOC_SHOTS, exist_ok=True)
         shutil.copyfile(small, os.path.join(DOC_SHOTS, name + ".png"))
+        shutil.copyfile(thumb, os.path.join(WF_DIR, name + ".jpg"))  # the Templates browser's thumbnail
 
     # the editor's own conversion against ours (from the same server's definitions)
     ui_prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")

@@ -20,7 +20,7 @@ from svdiff_testkit import workflow as W
 from svdiff_testkit.comfy_env import REPO
 from svdiff_testkit.server import ComfyServer
 
-WF_DIR = os.path.join(REPO, "workflows")
+WF_DIR = os.path.join(REPO, "example_workflows")
 PACK_MODULE = "custom_nodes.ComfyUI-SVDiff"
 
 
@@ -81,12 +81,20 @@ def test_object_info_lists_every_pack_node_with_tooltips(server):
 
 
 def test_workflow_templates_list_and_serve_the_bundled_workflows(server):
+    """The editor's Templates browser lists GET /api/workflow_templates (pack folder -> names)
+    and loads ``/api/workflow_templates/<pack>/<name>.json``, with ``<name>.jpg`` as the card's
+    picture (both frontends: mediaSubtype "jpg" for a custom node's template)."""
     listing = server.get_json("/api/workflow_templates")
     names = sorted(os.path.splitext(os.path.basename(p))[0] for p in W.workflow_files(WF_DIR))
-    assert sorted(listing.get("ComfyUI-SVDiff", [])) == names
+    assert len(names) == 7 and os.path.basename(WF_DIR) == "example_workflows"
+    assert sorted(listing.get("ComfyUI-SVDiff", [])) == names, listing
     for name in names:
         served = server.get_json(f"/api/workflow_templates/ComfyUI-SVDiff/{name}.json")
         assert served == W.load(os.path.join(WF_DIR, name + ".json"))
+        status, ctype, body = server.get(f"/api/workflow_templates/ComfyUI-SVDiff/{name}.jpg")
+        assert status == 200 and ctype == "image/jpeg" and body[:3] == b"\xff\xd8\xff", (name, status, ctype)
+        with open(os.path.join(WF_DIR, name + ".jpg"), "rb") as f:
+            assert body == f.read()
 
 
 def run_workflow(server, name: str, timeout: float = 420.0):  # a loaded 2-core CI machine can be slow

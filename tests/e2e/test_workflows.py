@@ -1,6 +1,6 @@
 """The bundled workflows against the real node definitions, and the UI->API converter.
 
-Every ``workflows/*.json`` must be valid (node types exist, link types match, widget values
+Every ``example_workflows/*.json`` must be valid (node types exist, link types match, widget values
 allowed) and, converted to the API format with the checkpoint swapped for the demo model,
 pass ComfyUI's own ``execution.validate_prompt``.
 """
@@ -17,7 +17,7 @@ from svdiff_testkit import comfy_env, demo_model
 from svdiff_testkit import workflow as W
 from svdiff_testkit.comfy_env import REPO
 
-WF_DIR = os.path.join(REPO, "workflows")
+WF_DIR = os.path.join(REPO, "example_workflows")
 WORKFLOWS = W.workflow_files(WF_DIR) if os.path.isdir(WF_DIR) else []
 TEST_SHIFT = "svdiff_test_demo_shift.safetensors"  # stands in for every shift file
 
@@ -46,7 +46,7 @@ def replacements(demo):
 
 
 def test_there_are_workflows():
-    assert WORKFLOWS, "workflows/ holds no .json"
+    assert WORKFLOWS, "example_workflows/ holds no .json"
     for p in WORKFLOWS:
         assert os.path.basename(p)[:2].isdigit(), p
 
@@ -84,7 +84,7 @@ def test_converted_prompt_passes_comfy_validate_prompt(path, defs, demo):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
 def test_committed_workflow_matches_generator(path, defs):
-    """workflows/*.json are written by tools/make_workflows.py: the committed file is current."""
+    """example_workflows/*.json are written by tools/make_workflows.py: the committed file is current."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_workflows", os.path.join(REPO, "tools", "make_workflows.py"))

@@ -1,5 +1,5 @@
 """What the Comfy Registry and the editor read from the pack besides its nodes: the icon
-(pyproject ``[tool.comfy] Icon``)."""
+(pyproject ``[tool.comfy] Icon``) and the workflow templates' thumbnails."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import tomllib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ICON = os.path.join(REPO, "assets", "icon.png")
+WF_DIR = os.path.join(REPO, "example_workflows")
 
 
 def pyproject() -> dict:
@@ -43,3 +44,19 @@ def test_icon_is_what_make_assets_draws():
         committed = committed.convert(drawn.mode)
         assert committed.size == drawn.size
         assert ImageChops.difference(committed, drawn).getbbox() is None, "run tools/make_assets.py"
+
+
+def test_every_example_workflow_has_its_thumbnail():
+    """ComfyUI lists ``example_workflows/*.json`` as the pack's templates and the editor shows
+    ``<name>.jpg`` beside each as its card picture (written by tests/e2e/test_browser.py with
+    SVDIFF_UPDATE_SCREENSHOTS=1)."""
+    from PIL import Image
+
+    files = sorted(os.listdir(WF_DIR))
+    names = [f[:-5] for f in files if f.endswith(".json")]
+    assert names and sorted(f for f in files if not f.endswith(".json")) == sorted(n + ".jpg" for n in names)
+    for n in names:
+        path = os.path.join(WF_DIR, n + ".jpg")
+        with Image.open(path) as img:
+            assert img.format == "JPEG" and img.size == (512, 512), (n, img.format, img.size)
+        assert os.path.getsize(path) < 100 * 1024, n

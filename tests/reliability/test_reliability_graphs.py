@@ -20,7 +20,7 @@ from svdiff_testkit.probes import fingerprint_outputs
 from svdiff_testkit import workflow as W
 from svdiff_testkit.comfy_env import REPO
 
-WORKFLOWS = W.workflow_files(os.path.join(REPO, "workflows"))
+WORKFLOWS = W.workflow_files(os.path.join(REPO, "example_workflows"))
 CKPT_NODE = "2"  # the checkpoint loader's id in every bundled workflow and in the prompts below
 SHIFTS = ("reliability_A.safetensors", "reliability_B.safetensors")
 

@@ -60,7 +60,7 @@ def env(comfy):
 
     info = demo_model.install()
     defs = W.object_info()
-    wf = W.fill_defaults(W.to_prompt(os.path.join(REPO, "workflows", "01_single_subject.json"), defs,
+    wf = W.fill_defaults(W.to_prompt(os.path.join(REPO, "example_workflows", "01_single_subject.json"), defs,
                                    replace={"ckpt_name": info["checkpoint_name"]}), defs)
     keep = {nid: e for nid, e in wf.items() if e["class_type"] in
             {"CheckpointLoaderSimple", "LoadImage", "ImageBatch", "SVDiffTrain", "SVDiffSaveShift"}}

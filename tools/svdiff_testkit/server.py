@@ -119,6 +119,14 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read().decode())
 
+    def get(self, path: str, timeout: float = 30.0) -> tuple[int, str, bytes]:
+        """``(status, content type, body)`` of a GET (an HTTP error status is returned, not raised)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return r.status, r.headers.get("Content-Type", ""), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Content-Type", ""), e.read()
+
     def post_json(self, path: str, data, timeout: float = 30.0):
         req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
