@@ -417,6 +417,17 @@ def diffusers_unet_key_map(unet_config: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------
+def metadata_disabled() -> bool:
+    """Whether ComfyUI runs with ``--disable-metadata`` (its savers then store no prompt or
+    workflow).  Touches ``comfy.cli_args.args.disable_metadata`` (same flag in both versions)."""
+    from comfy.cli_args import args
+
+    return bool(getattr(args, "disable_metadata", False))
+
+
+# --------------------------------------------------------------------------------------
 # Node progress text
 # --------------------------------------------------------------------------------------
 def executing_node_id() -> Optional[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import folder_paths
@@ -10,8 +11,9 @@ from comfy_api.latest import io, ui
 from ..svdiff import shiftfile
 from ..svdiff.shift import SpectralShift
 from .adapter import UNET_PREFIX, patch_with_shift
+from . import comfy_compat as compat
 from . import interchange
-from .common import (CATEGORY, SpectralShiftType, SVDiffNodeError, register_shift_folder, require_shift, resolve_file,
+from .common import (CATEGORY, SpectralShiftType, SVDiffNodeError, log, register_shift_folder, require_shift, resolve_file,
                      save_numbered, shift_files, shift_save_dir)
 
 
@@ -160,16 +162,63 @@ class SVDiffApplyShift(io.ComfyNode):
         return io.NodeOutput(m, c, ui=ui.PreviewText("\n".join(notes)) if notes else None)
 
 
-def save_shift_numbered(node: str, shift: SpectralShift, filename_prefix: str, dtype: str = "float16") -> str:
-    """Save into models/svdiff under the next free number; atomic and never overwriting."""
+def save_shift_numbered(node: str, shift: SpectralShift, filename_prefix: str, dtype: str = "float16",
+                        extra_metadata: dict | None = None) -> str:
+    """Save into models/svdiff under the next free number; atomic and never overwriting.
+    ``extra_metadata``: more metadata strings (provenance), never replacing the format's own."""
     require_shift(node, shift)
     try:
-        data = shiftfile.shift_to_bytes(shift, dtype)
+        data = shiftfile.shift_to_bytes(shift, dtype, extra=extra_metadata)
     except ValueError as e:
         raise SVDiffNodeError(node, str(e)) from None
     path = save_numbered(node, data, shift_save_dir(), filename_prefix)
     register_shift_folder()
     return path
+
+
+# Provenance in a saved file, as ComfyUI's checkpoint saver records it: the API prompt under
+# "prompt" and every extra_pnginfo entry (the editor's "workflow") under its own key, as JSON.
+# Bounded: a value over PROVENANCE_MAX_VALUE bytes, or one past PROVENANCE_MAX_TOTAL in all, is
+# left out and named in "provenance_skipped" (the reader refuses headers over 64 MiB).
+PROVENANCE_MAX_VALUE = 1 << 20
+PROVENANCE_MAX_TOTAL = 4 << 20
+PROVENANCE_SKIPPED = "provenance_skipped"
+
+
+def _provenance_items(prompt, extra_pnginfo) -> list:
+    items = [] if prompt is None else [("prompt", prompt)]
+    if isinstance(extra_pnginfo, dict):
+        items += [(str(k), v) for k, v in extra_pnginfo.items() if str(k) != "prompt"]
+    return items
+
+
+def provenance_metadata(prompt, extra_pnginfo) -> dict:
+    """The metadata strings recording how a file was made (see PROVENANCE_MAX_VALUE).
+
+    Never raises: a value that is not JSON, too large, or named like one of the format's own
+    entries is skipped, and ``provenance_skipped`` lists it with the reason.
+    """
+    out, skipped, total = {}, [], 0
+    reserved = shiftfile.CORE_METADATA_KEYS | {PROVENANCE_SKIPPED}
+    for key, value in _provenance_items(prompt, extra_pnginfo):
+        if key in reserved:
+            skipped.append(f"{key}: the name of a shift-file entry")
+            continue
+        try:
+            text = json.dumps(value, default=str)
+        except (TypeError, ValueError, RecursionError) as e:
+            skipped.append(f"{key}: not JSON ({type(e).__name__})")
+            continue
+        size = len(text.encode("utf-8"))
+        if size > PROVENANCE_MAX_VALUE or total + size > PROVENANCE_MAX_TOTAL:
+            limit = PROVENANCE_MAX_VALUE if size > PROVENANCE_MAX_VALUE else PROVENANCE_MAX_TOTAL
+            skipped.append(f"{key}: {size} bytes, over the {limit >> 20} MB limit")
+            continue
+        out[key] = text
+        total += size
+    if skipped:
+        out[PROVENANCE_SKIPPED] = json.dumps(skipped)
+    return out
 
 
 class SVDiffSaveShift(io.ComfyNode):
@@ -193,14 +242,28 @@ class SVDiffSaveShift(io.ComfyNode):
                                 tooltip="Free text stored in the file's metadata (what the subject is, trigger words, ...)."),
             ],
             outputs=[io.String.Output(display_name="path")],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
         )
+
+    @classmethod
+    def provenance(cls) -> dict:
+        """The prompt and workflow that ran this node, for the file's metadata (nothing with
+        --disable-metadata; a problem here is logged, never fails the save)."""
+        hidden = getattr(cls, "hidden", None)
+        if hidden is None or compat.metadata_disabled():
+            return {}
+        try:
+            return provenance_metadata(getattr(hidden, "prompt", None), getattr(hidden, "extra_pnginfo", None))
+        except Exception as e:  # provenance is a courtesy: the shift is saved without it
+            log.warning("[%s] the prompt and workflow were not recorded: %s", cls.NODE_NAME, e)
+            return {PROVENANCE_SKIPPED: json.dumps([f"all: {type(e).__name__}"])}
 
     @classmethod
     def execute(cls, shift, filename_prefix, dtype, description="") -> io.NodeOutput:
         if description:
             shift = shift.copy()
             shift.metadata["description"] = description
-        path = save_shift_numbered(cls.NODE_NAME, shift, filename_prefix, dtype)
+        path = save_shift_numbered(cls.NODE_NAME, shift, filename_prefix, dtype, extra_metadata=cls.provenance())
         size = os.path.getsize(path)
         text = f"saved {os.path.basename(path)} ({size / 1024:.1f} KiB, {len(shift)} weights) in {os.path.dirname(path)}"
         return io.NodeOutput(path, ui=ui.PreviewText(text))

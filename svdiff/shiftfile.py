@@ -23,6 +23,11 @@ Layout (format ``svdiff-comfyui`` version 1):
   history             JSON list of the operations that made the shift
   ==================  ==========================================================
 
+  A saver may add further string entries (``extra`` of :func:`shift_to_bytes`): Save
+  Spectral Shift records, as ComfyUI's checkpoint saver does, the API prompt as ``prompt``
+  and the editor's workflow as ``workflow`` (JSON), or names what it left out in
+  ``provenance_skipped``.  They never replace the entries above.
+
 Reading parses the header itself before anything else touches the file: bounded header
 size, strict JSON without duplicate keys, known dtypes, consistent offsets that stay
 inside the file, then loads with ``safetensors`` (never ``torch.load``: no pickle is ever
@@ -255,6 +260,13 @@ def load_shift(path: str) -> SpectralShift:
     return shift_from_raw(path, tensors, metadata)
 
 
+# The __metadata__ entries of the format itself (what encode_metadata writes).
+CORE_METADATA_KEYS = frozenset((
+    "format", "format_version", "architecture", "subset", "rank", "shapes", "shapes_fingerprint", "base_fingerprint",
+    "clip_fingerprint", "training", "trigger_words", "description", "history", "dtype",
+))
+
+
 def encode_metadata(shift: SpectralShift, dtype_name: str) -> dict:
     m = shift.metadata
     return {
@@ -275,7 +287,9 @@ def encode_metadata(shift: SpectralShift, dtype_name: str) -> dict:
     }
 
 
-def shift_to_bytes(shift: SpectralShift, dtype: str = "float16") -> bytes:
+def shift_to_bytes(shift: SpectralShift, dtype: str = "float16", extra: dict | None = None) -> bytes:
+    """The file's bytes.  ``extra``: more ``__metadata__`` strings (e.g. provenance); a key
+    of the format's own (``format``, ``shapes``, ...) is ignored there, never replaced."""
     from safetensors.torch import save
 
     if dtype not in _SAVE_DTYPES:
@@ -289,7 +303,11 @@ def shift_to_bytes(shift: SpectralShift, dtype: str = "float16") -> bytes:
         if not torch.isfinite(t.float()).all():
             raise ValueError(f"delta for {k!r} is not finite in {dtype} (NaN, Inf or out of range); save in float32")
         tensors[k] = t
-    return save(tensors, metadata=encode_metadata(shift, dtype))
+    metadata = encode_metadata(shift, dtype)
+    for k, v in (extra or {}).items():
+        if isinstance(k, str) and isinstance(v, str) and k not in CORE_METADATA_KEYS:
+            metadata[k] = v
+    return save(tensors, metadata=metadata)
 
 
 def save_shift(shift: SpectralShift, path: str, dtype: str = "float16", overwrite: bool = False) -> str:

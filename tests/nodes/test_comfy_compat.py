@@ -300,3 +300,13 @@ def test_shift_adapter_leaves_strength_model_to_comfyui(comfy, tiny):
     zero = adapter_mod.SpectralShiftAdapter.build(torch.zeros(dec.rank), dec, tuple(w.shape))
     got = comfy.lora.calculate_weight([(1.0, zero, 0.5, None, None)], w.clone(), KEY)
     assert torch.allclose(got, 0.5 * w, atol=1e-6)
+
+
+def test_metadata_disabled_reads_comfyuis_disable_metadata_flag(compat, monkeypatch):
+    from comfy.cli_args import args
+
+    assert hasattr(args, "disable_metadata")
+    monkeypatch.setattr(args, "disable_metadata", False)
+    assert compat.metadata_disabled() is False
+    monkeypatch.setattr(args, "disable_metadata", True)
+    assert compat.metadata_disabled() is True

@@ -197,9 +197,11 @@ def cached_checkpoint(executor, node_id: str) -> tuple:
     return outs[0][0], outs[1][0]
 
 
-def run_prompt(prompt: dict, prompt_id: str = "1", executor=None):
+def run_prompt(prompt: dict, prompt_id: str = "1", executor=None, extra_data: dict | None = None):
     """Validate and execute an API-format prompt; returns (executor, history outputs).
 
+    ``extra_data``: what the server passes along with a queued prompt (e.g.
+    ``{"extra_pnginfo": {"workflow": ...}}``, the editor's workflow).
     Raises AssertionError with ComfyUI's own validation errors if the prompt is invalid.
     """
     import execution
@@ -210,5 +212,5 @@ def run_prompt(prompt: dict, prompt_id: str = "1", executor=None):
         raise AssertionError(f"prompt invalid: {err} {node_errors}")
     if executor is None:
         executor = new_executor()
-    executor.execute(prompt, prompt_id, {}, outputs)
+    executor.execute(prompt, prompt_id, dict(extra_data or {}), outputs)
     return executor, executor.history_result.get("outputs", {}) if executor.history_result else {}
