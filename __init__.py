@@ -9,6 +9,10 @@ The pack never adds its own folder to ``sys.path`` (its ``nodes/`` would shadow 
 
 __version__ = "0.1.0"
 
+# ComfyUI serves this folder at /extensions/<pack folder>/ (for a V3 comfy_entrypoint pack
+# too); the editor reads a node's help page from docs/<node id>.md there.  No JavaScript.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension

@@ -11,7 +11,11 @@ pyproject.toml points to for the Comfy Registry): a model's singular values as d
 bars, each with its learned spectral shift (SVDiff's ``sigma + delta``) drawn as a coloured
 cap that moves the bar's top up or down.
 
-Run: ``.venv/bin/python tools/make_assets.py`` (deterministic; rewrites assets/*.png).
+And the pictures of the node help pages (``web/docs/*.png``, served with the pages at
+``/extensions/<pack>/docs/``): the same spectral-shift drawing, a Cut-Mix sample made of two
+of the sample pictures (Sec. 3.3, Fig. 3) and a small copy of ``docs/toyworld_fig9b.png``.
+
+Run: ``.venv/bin/python tools/make_assets.py`` (deterministic; rewrites assets/*.png and web/docs/*.png).
 The icon is not a sample picture: the harness does not copy it into ComfyUI's input folder.
 """
 
@@ -23,7 +27,9 @@ import random
 from PIL import Image, ImageDraw
 
 SIZE = 256
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(REPO, "assets")
+HELP_OUT = os.path.join(REPO, "web", "docs")
 
 
 def background(d: ImageDraw.ImageDraw, rnd: random.Random, kind: str) -> None:
@@ -136,6 +142,43 @@ def write_icon() -> str:
     return path
 
 
+def cutmix_sample(left: str = "robot_01.png", right: str = "duck_01.png", size: int = SIZE) -> Image.Image:
+    """A left-right Cut-Mix sample as the Cut-Mix Builder makes it: each half is its subject's
+    picture resized to cover the half and centre-cropped (svdiff.cutmix.resize_cover)."""
+    from PIL import ImageOps
+
+    out = Image.new("RGB", (size, size))
+    for i, name in enumerate((left, right)):
+        with Image.open(os.path.join(OUT, name)) as src:
+            half = ImageOps.fit(src.convert("RGB"), (size // 2, size), Image.LANCZOS, centering=(0.5, 0.5))
+        out.paste(half, (i * (size // 2), 0))
+    ImageDraw.Draw(out).line([size // 2, 0, size // 2, size], fill=(255, 255, 255), width=1)
+    return out
+
+
+def small_copy(src: str, width: int = 640) -> Image.Image:
+    with Image.open(src) as img:
+        img = img.convert("RGB")
+        img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
+    return img.quantize(colors=256, method=Image.Quantize.MAXCOVERAGE)
+
+
+def write_help_pictures() -> list[str]:
+    """The pictures the node help pages (web/docs/*.md) show."""
+    os.makedirs(HELP_OUT, exist_ok=True)
+    pictures = {
+        "spectral_shift.png": icon(),
+        "cutmix_left_right.png": cutmix_sample(),
+        "toyworld_fig9b.png": small_copy(os.path.join(REPO, "docs", "toyworld_fig9b.png")),
+    }
+    paths = []
+    for name, img in pictures.items():
+        path = os.path.join(HELP_OUT, name)
+        img.save(path, optimize=True)
+        paths.append(path)
+    return paths
+
+
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
     path = write_icon()
@@ -148,6 +191,8 @@ def main() -> None:
         draw(d)
         path = os.path.join(OUT, name)
         img.save(path, optimize=True)
+        print(f"{path} ({os.path.getsize(path)} bytes)")
+    for path in write_help_pictures():
         print(f"{path} ({os.path.getsize(path)} bytes)")
 
 

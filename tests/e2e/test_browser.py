@@ -4,7 +4,8 @@ Playwright drives ``/usr/bin/chromium`` (never a downloaded browser) against Com
 ``main.py`` serving the pack and the demo nodes.  For each workflow: load it with the
 editor's own ``app.loadGraphData``; no node may be reported missing or broken, no error
 dialog or error toast may show; the editor's ``app.graphToPrompt()`` must equal our
-converter's prompt (class types and every input).
+converter's prompt (class types and every input).  Then SVDiff Train's help page is opened from
+the selection toolbox, as a user opens it, and must show.
 
 Screenshots go to ``build/screenshots/`` (ignored; a small copy under ``build/screenshots/docs/``
 and a JPEG thumbnail of the graph under ``build/screenshots/thumbs/``).  The tests never write
@@ -246,6 +247,66 @@ def test_workflow_loads_in_editor_and_matches_converter(editor, path):
     ours = W.to_prompt(wf, defs)
     strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}  # noqa: E731
     assert json.loads(json.dumps(strip(ui_prompt))) == strip(ours)
+
+
+HELP_NODE = "SVDiffTrain"
+HELP_URL = f"/extensions/ComfyUI-SVDiff/docs/{HELP_NODE}.md"  # /extensions/<pack folder>/ serves WEB_DIRECTORY
+
+
+def test_node_help_opens_from_the_selection_toolbox(editor):
+    """Select SVDiff Train on the canvas and press the selection toolbox's info button, as a
+    user does: the editor fetches the pack's help page (docs/<node id>/<locale>.md, then
+    docs/<node id>.md) and shows it rendered, pictures included (1.32.9 in the node library's
+    side bar, 1.49.6 in the right-hand panel's Info tab)."""
+    srv, page, errors = editor
+    with open(os.path.join(REPO, "web", "docs", HELP_NODE + ".md"), encoding="utf-8") as f:
+        markdown = f.read()
+    wf = W.load(os.path.join(WF_DIR, "01_single_subject.json"))
+    errors.clear()
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    page.evaluate("async ([wf]) => { await window.app.loadGraphData(wf, true, true, 'help'); }", [wf])
+    page.wait_for_timeout(800)
+    fetched: list = []
+    on_response = lambda r: fetched.append((r.url.split(srv.url, 1)[-1], r.status)) if "/docs/" in r.url else None  # noqa: E731
+    page.on("response", on_response)
+    try:
+        found = page.evaluate("""(type) => {
+            const n = window.app.graph.nodes.find(n => n.type === type);
+            if (!n) return false;
+            const c = window.app.canvas, s = 0.6;  // the node's top (and the toolbox above it) in view
+            c.deselectAll && c.deselectAll();
+            c.ds.scale = s;
+            c.ds.offset[0] = 500 / s - n.pos[0];
+            c.ds.offset[1] = 250 / s - n.pos[1];
+            c.selectNode(n);
+            c.setDirty(true, true);
+            return true;
+        }""", HELP_NODE)
+        assert found, f"workflow 01 has no {HELP_NODE} node"
+        button = page.locator("[data-testid=info-button]")
+        button.wait_for(state="visible", timeout=10_000)
+        button.click()
+        content = page.locator(".node-help-content")
+        content.wait_for(state="visible", timeout=15_000)
+        page.wait_for_function("""() => {
+            const c = document.querySelector('.node-help-content');
+            return c && c.querySelector('h1') && [...c.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0);
+        }""", timeout=15_000)
+    finally:
+        page.remove_listener("response", on_response)
+    shown = content.inner_text()
+    assert shown.splitlines()[0].strip() == "SVDiff Train", shown[:200]
+    for name in ("prior_weight", "preview_every", "resume_from", "validation_prompt"):
+        assert name in shown, f"the help panel does not show {name}"
+    pictures = page.evaluate("() => [...document.querySelectorAll('.node-help-content img')].map(i => i.getAttribute('src'))")
+    assert "/extensions/ComfyUI-SVDiff/docs/spectral_shift.png" in pictures, pictures
+    assert (HELP_URL, 200) in fetched, fetched
+    # the exact URL the editor used serves the committed page
+    served = page.evaluate("async (u) => { const r = await fetch(u); return [r.status, await r.text()]; }", HELP_URL)
+    assert served == [200, markdown]
+    assert errors == [], errors
+    os.makedirs(SHOTS, exist_ok=True)
+    page.screenshot(path=os.path.join(SHOTS, "node_help.png"))
 
 
 def test_skip_reason_is_loud_only_when_browser_missing():

@@ -1,7 +1,8 @@
 """The pack in ComfyUI's real server (``main.py`` on a free loopback port, --cpu).
 
 One server for the module: /object_info lists every pack node with inputs and tooltips,
-/api/workflow_templates lists and serves the bundled workflows, and bundled workflows
+/api/workflow_templates lists and serves the bundled workflows with their thumbnails,
+/extensions/ComfyUI-SVDiff/docs/ serves every node's help page, and bundled workflows
 POSTed to /prompt (converted, demo checkpoint, few steps, tiny latents) finish and write
 their outputs.  The server is stopped with Ctrl-C and must exit by itself.
 """
@@ -95,6 +96,25 @@ def test_workflow_templates_list_and_serve_the_bundled_workflows(server):
         assert status == 200 and ctype == "image/jpeg" and body[:3] == b"\xff\xd8\xff", (name, status, ctype)
         with open(os.path.join(WF_DIR, name + ".jpg"), "rb") as f:
             assert body == f.read()
+
+
+def test_node_help_pages_are_served_where_the_editor_looks(server):
+    """The editor fetches a custom node's help from /extensions/<pack folder>/docs/<node id>.md
+    (after docs/<node id>/<locale>.md), /extensions/<pack folder>/ serving the pack's
+    WEB_DIRECTORY; relative pictures resolve against .../docs/."""
+    info = server.get_json("/object_info")
+    ours = sorted(k for k, v in info.items() if str(v.get("python_module", "")).startswith(PACK_MODULE))
+    assert len(ours) == 14, ours
+    for nid in ours:
+        status, _ctype, body = server.get(f"/extensions/ComfyUI-SVDiff/docs/{nid}.md")
+        assert status == 200, (nid, status)
+        with open(os.path.join(REPO, "web", "docs", nid + ".md"), "rb") as f:
+            assert body == f.read(), nid
+        for pic in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", body.decode()):
+            status, ctype, data = server.get(f"/extensions/ComfyUI-SVDiff/docs/{pic}")
+            assert status == 200 and ctype == "image/png" and data[:4] == b"\x89PNG", (nid, pic, status, ctype)
+    # no JavaScript in the web folder: /extensions lists none of the pack's
+    assert not [e for e in server.get_json("/extensions") if "ComfyUI-SVDiff" in e]
 
 
 def run_workflow(server, name: str, timeout: float = 420.0):  # a loaded 2-core CI machine can be slow
