@@ -61,6 +61,38 @@ def resolve_file(node: str, field: str, folder: str, name, where: str) -> str:
         raise SVDiffNodeError(node, f"{field}: file {name!r} not found in {where}") from None
 
 
+def existing_entry(folder: str, name) -> str | None:
+    """The path of whatever exists under ``name`` in ComfyUI's ``folder`` list (a file, but
+    also a directory, FIFO or broken link), never opened; None when nothing is there."""
+    rel = os.path.relpath(os.path.join("/", str(name)), "/")
+    for base in folder_paths.get_folder_paths(folder):
+        p = os.path.join(base, rel)
+        if os.path.lexists(p):
+            return p
+    return None
+
+
+def queued_file_check(node: str, field: str, folder: str, name, where: str, none: str | None = None):
+    """A node's ``validate_inputs`` answer for a file input: True, or the error text naming
+    the node and the field, when a prompt is queued.
+
+    ComfyUI 0.3.75 does not check a V3 combo's value at queue time, 0.33 does; a file input
+    named in ``validate_inputs`` gets this check on both (ComfyUI then skips only its own
+    combo check of that input).  ``none`` (e.g. "[None]") and a linked value (absent at
+    queue time) pass; so does something that exists but is not a file, which the node names
+    when it runs.
+    """
+    if isinstance(name, list):  # a node with is_input_list gets its values as lists
+        name = name[0] if name else None
+    if name is None or (none is not None and name == none):
+        return True
+    if folder == SHIFT_FOLDER:
+        register_shift_folder()
+    if folder_paths.get_full_path(folder, str(name)) is not None or existing_entry(folder, name) is not None:
+        return True
+    return str(SVDiffNodeError(node, f"{field}: file {name!r} not found in {where}"))
+
+
 def require_shift(node: str, value, field: str = "shift"):
     """``value`` if it is a SPECTRAL_SHIFT (an svdiff.shift.SpectralShift), else an error naming the field."""
     from ..svdiff.shift import SpectralShift

@@ -13,8 +13,8 @@ from ..svdiff.shift import SpectralShift
 from .adapter import UNET_PREFIX, patch_with_shift
 from . import comfy_compat as compat
 from . import interchange
-from .common import (CATEGORY, SpectralShiftType, SVDiffNodeError, log, register_shift_folder, require_shift, resolve_file,
-                     save_numbered, shift_files, shift_save_dir)
+from .common import (CATEGORY, SpectralShiftType, SVDiffNodeError, existing_entry, log, queued_file_check, register_shift_folder,
+                     require_shift, resolve_file, save_numbered, shift_files, shift_save_dir)
 
 
 def strength_inputs() -> list:
@@ -84,13 +84,8 @@ def read_shift_file(node: str, path: str, model=None, clip=None) -> SpectralShif
 def _existing_non_file(shift_name: str):
     """A directory, FIFO, device or broken link under that name in models/svdiff (never opened):
     its path, so that read_shift_file names what it is instead of "not found"."""
-    rel = os.path.relpath(os.path.join("/", str(shift_name)), "/")
     register_shift_folder()
-    for base in folder_paths.get_folder_paths("svdiff"):
-        p = os.path.join(base, rel)
-        if os.path.lexists(p):
-            return p
-    return None
+    return existing_entry("svdiff", shift_name)
 
 
 class SVDiffLoadShift(io.ComfyNode):
@@ -125,6 +120,12 @@ class SVDiffLoadShift(io.ComfyNode):
         notes: list = []
         m, c = apply_shift(node, model, clip, shift, strength_model, strength_clip, os.path.basename(path), notes)
         return io.NodeOutput(m, c, shift, ui=ui.PreviewText("\n".join(notes)) if notes else None)
+
+    @classmethod
+    def validate_inputs(cls, shift_name=None):
+        """A missing file is refused when the prompt is queued (only shift_name is named here,
+        so ComfyUI still checks the strengths' ranges itself)."""
+        return queued_file_check(cls.NODE_NAME, "shift_name", "svdiff", shift_name, "models/svdiff")
 
     @classmethod
     def fingerprint_inputs(cls, shift_name, **kwargs):

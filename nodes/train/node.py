@@ -108,6 +108,14 @@ class SVDiffTrain(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, resume_from=None):
+        """A missing resume_from file is refused when the prompt is queued (only resume_from is
+        named here, so ComfyUI still checks every other input's range itself)."""
+        from ..common import queued_file_check
+
+        return queued_file_check(cls.NODE_NAME, "resume_from", "svdiff", resume_from, "models/svdiff", none=NONE)
+
+    @classmethod
     def execute(cls, **kwargs) -> io.NodeOutput:
         list_inputs = {"images", "latents", "positive", "prior_images", "prior_conditioning"}
         a = {}

@@ -153,11 +153,10 @@ def test_workflow_runs_through_prompt_endpoint(server, name):
         assert "sks" in meta and "hta" in meta, meta[:2000]
 
 
-def test_missing_shift_file_fails_with_node_and_field_named(server):
-    """ComfyUI 0.3.75's validate_prompt does not check V3 combo values (their type is
-    "COMBO", options in the extra info), so a missing shift file gets past /prompt: it must
-    then fail at run time with an error naming the node and the field, and our workflow
-    validator must catch it before that."""
+def test_missing_shift_file_is_refused_at_queue_time_with_node_and_field_named(server):
+    """ComfyUI 0.3.75's validate_prompt does not check V3 combo values (0.33 does); Load
+    Spectral Shift's validate_inputs refuses a missing file on both, so /prompt answers 400
+    naming the node and the field, and our workflow validator catches it too."""
     defs = server.get_json("/object_info")
     rep = {"ckpt_name": demo_model.demo_checkpoint_name(), "shift_name": "no_such_shift.safetensors"}
     path = os.path.join(WF_DIR, "02_load_shift.json")
@@ -165,12 +164,10 @@ def test_missing_shift_file_fails_with_node_and_field_named(server):
     assert any("shift_name" in p and "no_such_shift" in p for p in problems), problems
     prompt = demo_model.shrink_prompt(W.to_prompt(path, defs, replace=rep))
     status, body = server.post_json("/prompt", {"prompt": prompt})
-    if status == 400:  # a later ComfyUI that validates V3 combos refuses it up front
-        assert "shift_name" in str(body["node_errors"])
-        return
-    with pytest.raises(AssertionError) as e:
-        server.wait(body["prompt_id"], timeout=60)
-    assert "Load Spectral Shift" in str(e.value) and "shift_name" in str(e.value)
+    assert status == 400, body
+    errors = [e for v in body["node_errors"].values() if v["class_type"] == "SVDiffLoadShift" for e in v["errors"]]
+    assert errors and all(e["extra_info"]["input_name"] == "shift_name" for e in errors), body["node_errors"]
+    assert any("[Load Spectral Shift] shift_name: file 'no_such_shift.safetensors' not found" in e["details"] for e in errors)
 
 
 def test_server_stops_cleanly_on_ctrl_c(server):
