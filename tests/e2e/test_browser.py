@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 
@@ -307,6 +308,71 @@ def test_node_help_opens_from_the_selection_toolbox(editor):
     assert errors == [], errors
     os.makedirs(SHOTS, exist_ok=True)
     page.screenshot(path=os.path.join(SHOTS, "node_help.png"))
+
+
+def _training_workflow(defs: dict) -> dict:
+    """A small SVDiff Train run a person can queue in the editor: two pictures of the pack,
+    six steps at 64 px with a preview every two steps, the previews into a preview node."""
+    b = W.WorkflowBuilder(defs)
+    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=demo_model.demo_checkpoint_name())
+    imgs = [b.node("LoadImage", col=0, image=n) for n in ("robot_01.png", "robot_02.png")]
+    batch = b.node("ImageBatch", col=1)
+    b.link(imgs[0], 0, batch, "image1")
+    b.link(imgs[1], 0, batch, "image2")
+    tr = b.node("SVDiffTrain", col=2, prompt="photo of a sks robot", class_prompt="photo of a robot", prior_weight=0.0,
+                steps=6, resolution=64, learning_rate=0.01, subset="UNet-CA", save_every=0, preview_every=2,
+                validation_prompt="a sks robot", seed=1)
+    for slot, name in ((0, "model"), (1, "clip"), (2, "vae")):
+        b.link(ck, slot, tr, name)
+    b.link(batch, 0, tr, "images")
+    pv = b.node("PreviewImage", title="Previews during training", col=3)
+    b.link(tr, 5, pv, "images")
+    return b.build()
+
+
+def test_training_shows_its_previews_on_the_node(editor):
+    """Queue a short SVDiff Train run in the editor: the preview images arrive for the
+    training node while it runs (the editor draws them on it), and the previews output fills
+    the preview node; the screenshot is the README's picture of a run with previews."""
+    srv, page, errors = editor
+    wf = _training_workflow(srv.get_json("/object_info"))
+    errors.clear()
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    page.evaluate("async ([wf]) => { await window.app.loadGraphData(wf, true, true, 'training_previews'); }", [wf])
+    page.wait_for_timeout(800)
+    train_id = str(next(n["id"] for n in wf["nodes"] if n["type"] == "SVDiffTrain"))
+    page.evaluate("""() => {
+        window.__previews = [];
+        window.app.api.addEventListener('b_preview_with_metadata', (e) =>
+            window.__previews.push(String(e.detail.displayNodeId ?? e.detail.nodeId)));
+    }""")
+    before = set(srv.get_json("/history"))
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    deadline = time.time() + 240
+    done = None
+    while time.time() < deadline and done is None:
+        page.wait_for_timeout(1000)
+        hist = srv.get_json("/history")
+        new = [k for k in hist if k not in before]
+        if new and hist[new[0]].get("status", {}).get("completed") is not None:
+            done = hist[new[0]]
+    assert done is not None, "the training prompt did not finish"
+    assert done["status"]["status_str"] == "success", done["status"]
+    previews = page.evaluate("() => window.__previews")
+    assert previews.count(train_id) >= 4, previews  # steps 0, 2, 4 and 6
+    pv_id = str(next(n["id"] for n in wf["nodes"] if n["type"] == "PreviewImage"))
+    assert len(done["outputs"][pv_id]["images"]) == 4
+    page.wait_for_timeout(1500)
+    screenshot_view(page, graph_bounds(page))
+    os.makedirs(SHOTS, exist_ok=True)
+    shot = os.path.join(SHOTS, "training_previews.png")
+    page.screenshot(path=shot)
+    small = os.path.join(SMALL_SHOTS, "training_previews.png")
+    small_png(shot, small)
+    if UPDATE_DOCS:
+        os.makedirs(DOC_SHOTS, exist_ok=True)
+        shutil.copyfile(small, os.path.join(DOC_SHOTS, "training_previews.png"))
+    assert errors == [], errors
 
 
 def test_skip_reason_is_loud_only_when_browser_missing():
