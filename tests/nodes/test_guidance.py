@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import svdiff.guidance as G
-from svdiff_testkit.sampling import encode, node, sample
+from svdiff_testkit.sampling import encode, guider_graph, node, sample
 
 
 
@@ -140,22 +140,7 @@ def test_guider_runs_in_a_comfyui_graph(comfy):
     from svdiff_testkit.comfy_env import run_prompt
 
     tiny_mod.install_checkpoint("tiny_sd.safetensors")
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd.safetensors"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a sks dog and a hta sculpture"}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "photo of a dog and a sculpture"}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "5": {"class_type": "SVDiffNegativeGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                             "empty": ["4", 0], "cfg": 5.0, "beta": 0.5}},
-        "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
-        "7": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "8": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 2, "denoise": 1.0}},
-        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "10": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["5", 0], "sampler": ["7", 0],
-                                                                "sigmas": ["8", 0], "latent_image": ["9", 0]}},
-        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
-        "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}},
-    }
+    prompt = guider_graph("tiny_sd.safetensors")
     ex, outputs = run_prompt(prompt, prompt_id="guider")
     assert ex.success, ex.status_messages
     assert outputs["12"]["images"]

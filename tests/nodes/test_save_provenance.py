@@ -17,15 +17,9 @@ SHIFT = "provenance/source.safetensors"
 
 @pytest.fixture(scope="module")
 def env(comfy):
-    import folder_paths
-    from svdiff_testkit import demo_model, tiny
+    from svdiff_testkit import demo_model
 
-    tiny.install_checkpoint(CKPT, seed=0)
-    ckpt = folder_paths.get_full_path("checkpoints", CKPT)
-    shift_dir = os.path.join(folder_paths.models_dir, "svdiff")
-    demo_model.write_random_shift(ckpt, os.path.join(shift_dir, SHIFT), seed=3)
-    getattr(folder_paths, "filename_list_cache", {}).pop("svdiff", None)
-    return {"shift_dir": shift_dir}
+    return {"shift_dir": demo_model.tiny_checkpoint_with_shift(CKPT, SHIFT, seed=3)}
 
 
 def save_prompt(prefix: str) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 
 import pytest
 
@@ -24,13 +23,9 @@ SHIFT = "queue_checks/present.safetensors"
 
 @pytest.fixture(scope="module")
 def env(comfy):
-    import folder_paths
-    from svdiff_testkit import demo_model, tiny
+    from svdiff_testkit import demo_model
 
-    tiny.install_checkpoint(CKPT, seed=0)
-    ckpt = folder_paths.get_full_path("checkpoints", CKPT)
-    demo_model.write_random_shift(ckpt, os.path.join(folder_paths.models_dir, "svdiff", SHIFT), seed=4)
-    getattr(folder_paths, "filename_list_cache", {}).pop("svdiff", None)
+    demo_model.tiny_checkpoint_with_shift(CKPT, SHIFT, seed=4)
     return {"defs": W.object_info()}
 
 

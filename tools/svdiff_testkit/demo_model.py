@@ -167,6 +167,20 @@ def checkpoint_unet_shapes(path: str) -> dict:
     return out
 
 
+def tiny_checkpoint_with_shift(ckpt_name: str, shift_name: str, seed: int) -> str:
+    """The tiny model's checkpoint ``ckpt_name`` in models/checkpoints and a random shift for it
+    at models/svdiff/``shift_name`` (listed at once); returns the models/svdiff folder."""
+    import folder_paths
+
+    from svdiff_testkit import tiny
+
+    tiny.install_checkpoint(ckpt_name, seed=0)
+    shift_dir = os.path.join(folder_paths.models_dir, "svdiff")
+    write_random_shift(folder_paths.get_full_path("checkpoints", ckpt_name), os.path.join(shift_dir, shift_name), seed=seed)
+    getattr(folder_paths, "filename_list_cache", {}).pop("svdiff", None)
+    return shift_dir
+
+
 def write_random_shift(ckpt_path: str, out_path: str, seed: int, scale: float = 0.02) -> str:
     """A small random spectral shift for the demo checkpoint (tests of the load/combine graphs)."""
     import torch

@@ -26,3 +26,28 @@ def sample(model, guider, seed: int = 4, hw: int = 8, steps: int = 3) -> torch.T
     latent = {"samples": torch.zeros(1, 4, hw, hw)}
     out = node("SamplerCustomAdvanced").execute(noise, guider, sampler, sigmas, latent).result[0]
     return out["samples"].clone()
+
+
+def guider_graph(ckpt_name: str, **guider_inputs) -> dict:
+    """An API prompt: the checkpoint -> positive / two-subject negative / empty prompts ->
+    Negative-Prompt Guider (cfg 5, beta 0.5, plus ``guider_inputs``) -> SamplerCustomAdvanced
+    (euler, 2 steps, 64 px) -> VAEDecode -> PreviewImage (node "12").  Extra CONDITIONING
+    inputs can name node "13", the prompt "photo of a dog"."""
+    enc = lambda text: {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}}  # noqa: E731
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "2": enc("photo of a sks dog and a hta sculpture"),
+        "3": enc("photo of a dog and a sculpture"),
+        "4": enc(""),
+        "13": enc("photo of a dog"),
+        "5": {"class_type": "SVDiffNegativeGuider", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                             "empty": ["4", 0], "cfg": 5.0, "beta": 0.5, **guider_inputs}},
+        "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
+        "7": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "8": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 2, "denoise": 1.0}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["5", 0], "sampler": ["7", 0],
+                                                                "sigmas": ["8", 0], "latent_image": ["9", 0]}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}},
+    }
