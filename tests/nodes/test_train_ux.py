@@ -192,3 +192,55 @@ def test_latents_of_different_sizes_train_together(tiny_checkpoint):
     r = _train(_inputs(tiny_checkpoint, images=None, latents=lat, positive=[cond], steps=4, batch_size=1))
     assert any("2 of 64x64, 1 of 128x64" in n for n in r.report["notes"])
     assert len(r.loss_map["loss"]) == 4
+
+
+def test_buckets_and_exact_resume_of_schedule_and_accumulation_through_the_executor(tiny_checkpoint):
+    """Through ComfyUI's executor: images of two shapes from ComfyUI's own Load Image Dataset
+    from Folder train in two buckets in one run, and a cosine + accumulation run resumed from
+    its step-2 save equals the uninterrupted run bit for bit."""
+    import folder_paths
+    from PIL import Image
+
+    import svdiff.shiftfile as F
+    from svdiff_testkit import tiny
+    from svdiff_testkit import workflow as W
+    from svdiff_testkit.comfy_env import run_prompt
+
+    name = tiny.install_checkpoint("tiny_train.safetensors", seed=0)
+    folder = os.path.join(folder_paths.get_input_directory(), "svdiff_buckets")
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(5)
+    for i, (w, h) in enumerate(((64, 64), (64, 64), (128, 64), (128, 64))):
+        arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(os.path.join(folder, f"img_{i}.png"))
+    defs = W.object_info()
+    shift_dir = folder_paths.get_folder_paths("svdiff")[0]
+
+    def graph(prefix, **train):
+        inputs = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "prompt": "photo of a sks dog",
+                  "class_prompt": "photo of a dog", "prior_weight": 1.0, "num_prior_images": 2, "prior_steps": 2,
+                  "steps": 4, "resolution": 64, "learning_rate": 0.01, "subset": "UNet-CA", "seed": 3, "preview_every": 0,
+                  "lr_schedule": "cosine", "warmup_steps": 1, "grad_accumulation": 2, "save_every": 0, **train}
+        return W.fill_defaults({
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
+            "2": {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": "svdiff_buckets"}},
+            "3": {"class_type": "SVDiffTrain", "inputs": inputs},
+            "4": {"class_type": "SVDiffSaveShift", "inputs": {"shift": ["3", 2], "filename_prefix": prefix, "dtype": "float32"}},
+        }, defs)
+
+    def saved(outputs):  # Save Spectral Shift's text: "saved <name> (...) in <folder>"
+        text = outputs["4"]["text"][0]
+        return F.load_shift(os.path.join(text.rsplit(" in ", 1)[1], text.split()[1]))
+
+    ex, full = run_prompt(graph("svdiff/ux_full"), prompt_id="ux-full")
+    assert ex.success, [m for m in ex.status_messages if m[0] == "execution_error"]
+    text = full["3"]["text"][0]
+    assert "aspect buckets" in text and "64x64 (2)" in text and "128x64 (2)" in text, text
+    ex, _ = run_prompt(graph("svdiff/ux_half", save_every=2, filename_prefix="svdiff/ux_state"), prompt_id="ux-half")
+    assert ex.success
+    states = sorted(f for f in os.listdir(os.path.join(shift_dir, "svdiff")) if f.startswith("ux_state_") and f.endswith(".safetensors"))
+    assert len(states) == 2  # steps 2 and 4
+    ex, resumed = run_prompt(graph("svdiff/ux_resumed", steps=2, resume_from="svdiff/" + states[0]), prompt_id="ux-resumed")
+    assert ex.success, [m for m in ex.status_messages if m[0] == "execution_error"]
+    a, b = saved(full), saved(resumed)
+    assert set(a.deltas) == set(b.deltas) and all(torch.equal(a.deltas[k], b.deltas[k]) for k in a.deltas)
