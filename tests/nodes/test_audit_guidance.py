@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import svdiff.guidance as G
-from svdiff_testkit.sampling import encode, guider_graph, node, sample
+from svdiff_testkit.sampling import encode, guider_graph, neg_guider, node, record_post_cfg, sample
 
 NODE = r"\[Negative-Prompt Guider \(Eq. 9\)\] "
 
@@ -38,21 +38,7 @@ def test_weighted_negative_formula_and_limits():
 # --------------------------------------------------------------------------------------
 
 
-def neg_guider(model, pos, neg, empty, cfg, beta, **more):
-    return node("SVDiffNegativeGuider").execute(model, pos, neg, empty, cfg, beta, **more).result[0]
 
-
-def record_post_cfg(model):
-    """A clone whose post-CFG hook records every call's arguments (and changes nothing)."""
-    calls = []
-    m = model.clone()
-
-    def hook(args):
-        calls.append({k: args[k].clone() for k in ("denoised", "cond_denoised", "uncond_denoised")})
-        return args["denoised"]
-
-    m.set_model_sampler_post_cfg_function(hook)
-    return m, calls
 
 
 @pytest.fixture()

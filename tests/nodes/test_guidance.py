@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import svdiff.guidance as G
-from svdiff_testkit.sampling import encode, guider_graph, node, sample
+from svdiff_testkit.sampling import encode, guider_graph, neg_guider, node, record_post_cfg, sample
 
 
 
@@ -36,9 +36,6 @@ def cfg_guider(model, pos, neg, cfg):
     return node("CFGGuider").execute(model, pos, neg, cfg).result[0]
 
 
-def neg_guider(model, pos, neg, empty, cfg, beta):
-    return node("SVDiffNegativeGuider").execute(model, pos, neg, empty, cfg, beta).result[0]
-
 
 @pytest.fixture()
 def setup(tiny):
@@ -61,17 +58,6 @@ def test_beta_limits_equal_comfyui_cfg(comfy, setup):
     assert not torch.allclose(mid, ref_empty, atol=1e-4) and not torch.allclose(mid, ref_neg, atol=1e-4)
 
 
-def record_post_cfg(model):
-    """A clone whose post-CFG hook records every call's arguments (and changes nothing)."""
-    calls = []
-    m = model.clone()
-
-    def hook(args):
-        calls.append({k: args[k].clone() for k in ("denoised", "cond_denoised", "uncond_denoised")})
-        return args["denoised"]
-
-    m.set_model_sampler_post_cfg_function(hook)
-    return m, calls
 
 
 def test_midway_beta_blends_the_unconditional_branch_as_eq9(comfy, setup):

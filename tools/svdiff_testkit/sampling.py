@@ -28,6 +28,24 @@ def sample(model, guider, seed: int = 4, hw: int = 8, steps: int = 3) -> torch.T
     return out["samples"].clone()
 
 
+def neg_guider(model, pos, neg, empty, cfg: float, beta: float, **more):
+    """The pack's Negative-Prompt Guider (Eq. 9) as a GUIDER; ``more``: further negatives/weights."""
+    return node("SVDiffNegativeGuider").execute(model, pos, neg, empty, cfg, beta, **more).result[0]
+
+
+def record_post_cfg(model):
+    """A clone whose post-CFG hook records every call's arguments (and changes nothing)."""
+    calls = []
+    m = model.clone()
+
+    def hook(args):
+        calls.append({k: args[k].clone() for k in ("denoised", "cond_denoised", "uncond_denoised")})
+        return args["denoised"]
+
+    m.set_model_sampler_post_cfg_function(hook)
+    return m, calls
+
+
 def guider_graph(ckpt_name: str, **guider_inputs) -> dict:
     """An API prompt: the checkpoint -> positive / two-subject negative / empty prompts ->
     Negative-Prompt Guider (cfg 5, beta 0.5, plus ``guider_inputs``) -> SamplerCustomAdvanced
