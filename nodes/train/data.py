@@ -188,11 +188,6 @@ def evaluate_denoising_loss(patcher, latents: torch.Tensor, entry, seed: int = 1
     return total / draws
 
 
-def _unload(patcher) -> None:
-    """Unload a training clone: ComfyUI ejects the injection and restores the weights."""
-    compat.unload_patcher(patcher)
-
-
 class CutMixData:
     """Training batches drawn from a Cut-Mix training set (Sec. 3.3, Fig. 3).
 

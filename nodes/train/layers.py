@@ -25,11 +25,6 @@ from ..adapter import base_weight, svd_cache, weight_fingerprint
 from ..common import check_interrupt, progress
 
 
-def _weight_bias(mod, x):
-    """The layer's weight and bias as ComfyUI would use them (casts, low-VRAM patches), no copy."""
-    return compat.layer_weight_bias(mod, x)
-
-
 def _geometry(mod) -> L.ConvGeometry:
     return L.ConvGeometry(tuple(mod.stride), tuple(mod.padding), tuple(mod.dilation), int(mod.groups))
 
@@ -39,7 +34,7 @@ def _make_forward(mod, kind: str, layer: Optional[L.ShiftedLayer], vdelta: Optio
         geo = _geometry(mod) if kind == "conv2d" else None
 
         def forward(x, *args, **kwargs):
-            w, b = _weight_bias(mod, x)
+            w, b = compat.layer_weight_bias(mod, x)
             if layer is not None:
                 return layer.forward(x, w, b)
             return L.frozen_forward(kind, x, w, b, geo)
@@ -49,7 +44,7 @@ def _make_forward(mod, kind: str, layer: Optional[L.ShiftedLayer], vdelta: Optio
     def norm_forward(x, *args, **kwargs):
         if clone_input:
             x = x.clone()  # the caller may update x in place afterwards (ComfyUI's CLIP: x += attn(ln(x)))
-        w, b = _weight_bias(mod, x)
+        w, b = compat.layer_weight_bias(mod, x)
         if w is not None:
             w = L.shifted_vector(w, vdelta)
         if b is not None and b.is_inference():

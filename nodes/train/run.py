@@ -29,7 +29,7 @@ from ..attention_capture import AttentionCapture
 from ..common import check_interrupt, log, progress, resolve_file
 from ..shifts import apply_shift, read_shift_file, save_shift_numbered
 from .attention import attention_loss, concat_maps, parse_resolutions
-from .data import _unload, concat_kwargs, denoise_x0, prediction_target, special_tokens
+from .data import concat_kwargs, denoise_x0, prediction_target, special_tokens
 from .layers import Trainable
 from .preview import Previewer, StatusText, pil_preview
 from .settings import INJECTION_KEY, NODE, NONE, TrainSettings, err, training_dtype
@@ -452,9 +452,10 @@ def train(node_inputs: dict) -> TrainResult:
                                   single_pos, resolutions, [g["lr"] for g in optimizer.param_groups], start + s.steps)
                 _run_steps(ctx, source, writer, previewer, start, s.steps, pbar, t0)
         finally:
-            _unload(run.mp)
+            # ComfyUI ejects the injections and restores the weights
+            compat.unload_patcher(run.mp)
             if run.clip_t is not None:
-                _unload(run.clip_t.patcher)
+                compat.unload_patcher(run.clip_t.patcher)
         return _finish(node_inputs, run, writer, start + s.steps, t0, loss_map, notes, d, prior, previewer)
 
 

@@ -18,7 +18,7 @@ import torch
 import comfy.model_management as mm
 
 from ...svdiff import training
-from ...svdiff.cutmix import CutMixTrainingSet, single_prompt
+from ...svdiff.cutmix import single_prompt
 from ..attention_capture import token_positions
 from .attention import single_subject_words
 from .data import (CutMixData, _clone_cond, _split_images, cutmix_settings, encode_images, encode_prompt, generate_priors,
@@ -417,6 +417,3 @@ def positions_of(d: InstanceData):
     """``positions_of(prompt, word, what)`` for the attention losses (Cut-Mix prompts only)."""
     return d.cutmix.positions_or_fail if d.cutmix is not None else None
 
-
-__all__ = ["Batch", "ClipCheck", "CutMixTrainingSet", "InstanceData", "PriorData", "attention_positions", "instance_data",
-           "make_source", "positions_of", "prior_data"]
