@@ -212,12 +212,13 @@ def base_weight(patcher, key: str) -> torch.Tensor:
 
 
 def shiftable_shapes(patcher, prefix: Optional[str] = None) -> dict:
-    """key -> shape for every weight a spectral shift can patch (>=2-D kernels, 1-D scales)."""
+    """key -> shape for every weight a spectral shift can patch (>=2-D kernels, 1-D scales; the
+    RMS norm scales that ComfyUI 0.3.75's Flux names ``.scale`` included)."""
     out = {}
     for k, v in patcher.model.state_dict().items():
         if prefix and not k.startswith(prefix):
             continue
-        if not k.endswith(".weight") or v.ndim == 0:
+        if v.ndim == 0 or not (k.endswith(".weight") or (k.endswith(".scale") and v.ndim == 1)):
             continue
         if not v.is_floating_point():
             continue

@@ -14,6 +14,7 @@ reaches into ComfyUI's internals.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Optional
 
@@ -68,6 +69,25 @@ def training_clone(patcher):
         if takes:
             return patcher.clone(disable_dynamic=True)
     return patcher.clone()
+
+
+@contextlib.contextmanager
+def training_mode():
+    """ComfyUI's "a training step runs" flag while the block runs, restored after.
+
+    Touches ``comfy.model_management.in_training`` (0.33; its own trainer sets it): model code
+    then takes differentiable kernels, e.g. Flux's RoPE, whose comfy-kitchen kernel has no
+    autograd formula.  0.3.75 has no flag and always runs differentiable code.
+    """
+    if not hasattr(mm, "in_training"):
+        yield False
+        return
+    prev = mm.in_training
+    mm.in_training = True
+    try:
+        yield True
+    finally:
+        mm.in_training = prev
 
 
 def is_loaded(patcher) -> bool:

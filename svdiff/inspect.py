@@ -1,7 +1,8 @@
 """Looking at spectral shifts: per-block norms, cross-shift similarity, a text summary.
 
 * per-block norm: ||delta||_2 over all weights of a block (keys grouped by UNet block
-  ``input_blocks.N`` / ``middle_block`` / ``output_blocks.N`` and text-encoder layer),
+  ``input_blocks.N`` / ``middle_block`` / ``output_blocks.N``, DiT block ``joint_blocks.N`` /
+  ``double_blocks.N`` / ``single_blocks.N`` and text-encoder layer),
   drawn as a (grouped) bar chart;
 * similarity: the cosine similarity of two shifts averaged over the layers they share,
   as in Fig. 9a / appendix Fig. 15 (:func:`svdiff.arithmetic.cosine_similarity_matrix`),
@@ -27,7 +28,10 @@ from .shift import SpectralShift
 PALETTE = [(52, 101, 164), (204, 0, 0), (78, 154, 6), (245, 121, 0), (117, 80, 123), (193, 125, 17)]
 
 _UNET_BLOCK = re.compile(r"^diffusion_model\.(input_blocks|output_blocks)\.(\d+)\.")
-_TE_LAYER = re.compile(r"^(\w+)\.transformer\.text_model\.encoder\.layers\.(\d+)\.")
+# DiT blocks: SD3's MMDiT joint blocks, Flux's double- and single-stream blocks
+_DIT_BLOCK = re.compile(r"^diffusion_model\.(joint_blocks|double_blocks|single_blocks)\.(\d+)\.")
+_DIT_LABEL = {"joint_blocks": (0, "joint"), "double_blocks": (0, "double"), "single_blocks": (2, "single")}
+_TE_LAYER = re.compile(r"^(\w+)\.transformer\.(?:text_model\.)?encoder\.(?:layers|block)\.(\d+)\.")
 
 
 def block_of(key: str) -> tuple:
@@ -36,15 +40,23 @@ def block_of(key: str) -> tuple:
     if m:
         part, n = m.group(1), int(m.group(2))
         return ((0, n) if part == "input_blocks" else (2, n)), ("in" if part == "input_blocks" else "out") + str(n)
+    m = _DIT_BLOCK.match(key)
+    if m:
+        order, label = _DIT_LABEL[m.group(1)]
+        return (order, int(m.group(2))), f"{label}{m.group(2)}"
     if key.startswith("diffusion_model.middle_block."):
         return (1, 0), "mid"
     if key.startswith("diffusion_model."):
         return (3, 0), "unet*"
     m = _TE_LAYER.match(key)
     if m:
-        return (4, m.group(1), int(m.group(2))), f"{m.group(1).replace('clip_', 'te')}.{m.group(2)}"
+        return (4, m.group(1), int(m.group(2))), f"{_te_label(m.group(1))}.{m.group(2)}"
     enc = key.split(".", 1)[0]
-    return (5, enc, 0), f"{enc.replace('clip_', 'te')}*"
+    return (5, enc, 0), f"{_te_label(enc)}*"
+
+
+def _te_label(encoder: str) -> str:
+    return encoder.replace("clip_", "te").replace("t5xxl", "t5")
 
 
 def block_norms(shift: SpectralShift) -> dict:
@@ -105,7 +117,7 @@ def draw_bar_chart(norms: Sequence[dict], labels: Sequence[str], width: int = 0,
             v = n.get(b, 0.0)
             h = v * scale
             x = gx + si * bw
-            if h > 0:
+            if h >= 1:  # a bar under one pixel is not drawn (PIL needs y1 >= y0)
                 draw.rectangle([x, y0 - h, x + bw - 1, y0 - 1], fill=PALETTE[si % len(PALETTE)])
         # vertical-ish label: write every label, rotated by drawing on a small image
         lab = Image.new("RGB", (_text_w(draw, b, font) + 4, 14), "white")

@@ -1,7 +1,7 @@
 """The trainable side of SVDiff Train: injected layer forwards and the delta parameters.
 
 A module injection (``ModelPatcher.set_injections``) replaces the forward of every Linear /
-Conv2d / GroupNorm / LayerNorm on the gradient path while the training clone is loaded;
+Conv2d / GroupNorm / LayerNorm / RMS norm on the gradient path while the training clone is loaded;
 ComfyUI ejects it on unpatch.  Frozen layers compute dx from the frozen weight without
 copying it; trained layers add their spectral shift by the cheaper of the two routes
 (``svdiff.layers.choose_route``).  No base weight is ever written, copied or given a gradient.
@@ -44,7 +44,10 @@ def _make_forward(mod, kind: str, layer: Optional[L.ShiftedLayer], vdelta: Optio
     def norm_forward(x, *args, **kwargs):
         if clone_input:
             x = x.clone()  # the caller may update x in place afterwards (ComfyUI's CLIP: x += attn(ln(x)))
-        w, b = compat.layer_weight_bias(mod, x)
+        if getattr(mod, "weight", None) is None:  # no affine scale (DiT blocks' pre-modulation norms)
+            w, b = None, None
+        else:
+            w, b = compat.layer_weight_bias(mod, x)
         if w is not None:
             w = L.shifted_vector(w, vdelta)
         if b is not None and b.is_inference():
@@ -56,7 +59,43 @@ def _make_forward(mod, kind: str, layer: Optional[L.ShiftedLayer], vdelta: Optio
     return norm_forward
 
 
+def _rms_param(mod) -> Optional[str]:
+    """The name of an RMS norm's 1-D scale ("weight", or "scale" in ComfyUI 0.3.75's Flux), if
+    ``mod`` is one: ComfyUI's RMSNorm classes (MMDiT q/k norms, Flux QK norms, ``comfy.ops``)
+    and T5's layer norm, which is an RMS norm."""
+    name = type(mod).__name__
+    if not (name.endswith("RMSNorm") or name == "T5LayerNorm"):
+        return None
+    for p in ("weight", "scale"):
+        t = getattr(mod, p, None)
+        if isinstance(t, torch.Tensor) and t.ndim == 1:
+            return p
+    return None
+
+
+def _rms_eps(mod):
+    eps = getattr(mod, "eps", getattr(mod, "variance_epsilon", 1e-6))
+    return eps  # None: torch's default for the dtype (torch.nn.RMSNorm)
+
+
+def _make_rms_forward(mod, pname: str, vdelta: Optional[torch.Tensor]):
+    eps = _rms_eps(mod)
+
+    def rms_forward(x, *args, **kwargs):
+        x = x.clone()  # the caller may update x in place afterwards (T5: x += attn(norm(x)))
+        w = L.shifted_vector(getattr(mod, pname).to(device=x.device), vdelta)
+        return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps)
+
+    return rms_forward
+
+
+def _weight_name(mod, kind: str) -> str:
+    return _rms_param(mod) if kind == "rmsnorm" else "weight"
+
+
 def _kind(mod) -> Optional[str]:
+    if _rms_param(mod) is not None:
+        return "rmsnorm"
     if isinstance(mod, torch.nn.Linear):
         return "linear"
     if isinstance(mod, torch.nn.Conv2d) and getattr(mod, "padding_mode", "zeros") == "zeros":
@@ -144,9 +183,16 @@ class Trainable:
             if any(name.startswith(s) for s in skip_modules):
                 continue
             kind = _kind(mod)
-            if kind is None or getattr(mod, "weight", None) is None:
+            pname = _weight_name(mod, kind) if kind is not None else "weight"
+            if kind is None:
                 continue
-            key = f"{name}.weight"
+            if getattr(mod, pname, None) is None:
+                if kind == "layernorm":
+                    # a norm without scale still saves its input: ComfyUI's DiT blocks update that
+                    # input in place afterwards (Flux: img += gate * attn(norm(img)))
+                    forwards.append((mod, _make_forward(mod, kind, None, None, clone_input=True)))
+                continue
+            key = f"{name}.{pname}"
             layer, vdelta = None, None
             if key in wanted:
                 check_interrupt()
@@ -169,7 +215,10 @@ class Trainable:
                     vdelta = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
                     self.params[key] = vdelta
                 pbar.update(1)
-            forwards.append((mod, _make_forward(mod, kind, layer, vdelta, clone_norm_input)))
+            if kind == "rmsnorm":
+                forwards.append((mod, _make_rms_forward(mod, pname, vdelta)))
+            else:
+                forwards.append((mod, _make_forward(mod, kind, layer, vdelta, clone_norm_input)))
         self.missing = [k for k in keys if k not in self.params]
         self.injection = TrainInjection(forwards, [])
 

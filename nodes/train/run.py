@@ -87,10 +87,17 @@ def _unet_clone(model, s: TrainSettings, notes: list, resolutions) -> Run:
     return run
 
 
+T5_PREFIX = "t5xxl."
+T5_NOTE = ("train_text_encoder: T5-XXL is not trained (its 4.7 G weights would need ~19 GB of U/V factors in fp16 and "
+           "the token sequence it gives changes little for a new subject word); the CLIP encoders are trained")
+
+
 def _text_encoder_clone(run: Run, clip, s: TrainSettings, notes: list) -> None:
     clip_t = compat.training_clone(clip)
     cshapes = shiftable_shapes(clip_t.patcher)
-    ckeys = [k for k in cshapes if ".encoder." in k or "final_layer_norm" in k]
+    ckeys = [k for k in cshapes if (".encoder." in k or "final_layer_norm" in k) and not k.startswith(T5_PREFIX)]
+    if any(k.startswith(T5_PREFIX) for k in cshapes):
+        notes.append(T5_NOTE)
     te = Trainable(clip_t.patcher, ckeys, s.rank, clip_t.patcher.load_device, s.force_route, "", clone_norm_input=True)
     clip_t.patcher.set_injections(INJECTION_KEY, [te.injection.patcher_injection()])
     run.clip_t = clip_t
@@ -450,7 +457,8 @@ def train(node_inputs: dict) -> TrainResult:
                 ctx = StepContext(run, s, optimizer, ms.sigmas.detach().clone().to(run.device), target, sigma_data,
                                   run.mp.model_options.get("transformer_options", {}), loss_map, positions_of(d),
                                   single_pos, resolutions, [g["lr"] for g in optimizer.param_groups], start + s.steps)
-                _run_steps(ctx, source, writer, previewer, start, s.steps, pbar, t0)
+                with compat.training_mode():
+                    _run_steps(ctx, source, writer, previewer, start, s.steps, pbar, t0)
         finally:
             # ComfyUI ejects the injections and restores the weights
             compat.unload_patcher(run.mp)

@@ -310,3 +310,34 @@ def test_metadata_disabled_reads_comfyuis_disable_metadata_flag(compat, monkeypa
     assert compat.metadata_disabled() is False
     monkeypatch.setattr(args, "disable_metadata", True)
     assert compat.metadata_disabled() is True
+
+
+def test_training_mode_sets_comfys_in_training_flag_where_it_exists(compat):
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        with compat.training_mode() as active:
+            assert active is False
+        pytest.skip("this ComfyUI has no model_management.in_training flag (0.3.75): nothing to set")
+    assert mm.in_training is False
+    with compat.training_mode() as active:
+        assert active is True and mm.in_training is True
+    assert mm.in_training is False
+    try:
+        with compat.training_mode():
+            raise RuntimeError("a failed step")
+    except RuntimeError:
+        pass
+    assert mm.in_training is False  # restored after an error too
+
+
+def test_flux_rope_is_differentiable_in_training_mode(compat):
+    """0.33's Flux RoPE goes through comfy-kitchen (no autograd) unless in_training is set."""
+    import comfy.ldm.flux.math as fm
+
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    pe = fm.rope(torch.arange(4.0)[None, :], 8, 10000)[:, None]
+    with compat.training_mode():
+        out, _ = fm.apply_rope(q, q, pe)
+        out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

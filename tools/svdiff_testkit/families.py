@@ -14,9 +14,9 @@ checkpoints (``CheckpointLoaderSimple``), SD3.5 and Flux as a diffusion model
 (``VAELoader``, a 16-channel TAESD).  ComfyUI sizes text encoders from JSON configurations
 (and detects CLIP-G by its 32 layers, T5 by its 4096 width); the tiny sizes reach them through
 the ``<name>_model_config`` model options every ComfyUI text encoder reads: the checkpoint
-types pass them from ``clip_target``, and :func:`register` wraps
-``comfy.sd.load_text_encoder_state_dicts`` (the detection hook of the separate-file loaders)
-to add them for text encoder files of the tiny widths.
+types pass them from ``clip_target``, and :func:`register` wraps ComfyUI's per-file sizing
+hook of the separate-file loaders (``model_options_long_clip``, where it sizes long CLIPs) to
+add them for text encoder files of the tiny widths.
 
 Sizes that ComfyUI itself fixes are kept: SD3's text encoder pads the CLIP-L/G sequence to
 4096 features and concatenates T5's tokens to it, so the tiny SD3 T5 is 4096 wide (one layer,
@@ -190,6 +190,18 @@ def _dit_clip_target(name: str):
     return comfy.supported_models_base.ClipTarget(tok, _clip_with_options(clip, FAMILIES[name].te))
 
 
+def _detected_config(name: str) -> dict:
+    """The configuration ComfyUI's detection gives the tiny DiT's weights in this version (0.33's
+    Flux adds ``txt_ids_dims``, empty for Flux.1)."""
+    cfg = dict(FAMILIES[name].unet)
+    if name == "Flux":
+        import comfy.ldm.flux.model as flux_model
+
+        if "txt_ids_dims" in getattr(flux_model.FluxParams, "__dataclass_fields__", {}):
+            cfg["txt_ids_dims"] = []
+    return cfg
+
+
 def build(name: str, seed: int = 0, dtype=torch.float32):
     """(model_base model, comfy.sd.CLIP) of a tiny family with deterministic random weights."""
     import comfy.sd
@@ -198,7 +210,7 @@ def build(name: str, seed: int = 0, dtype=torch.float32):
     cls = model_class(name)
     if fam.loader == "checkpoint":
         return model_factory.build_model(cls, dict(fam.unet), seed, init_weights, dtype)
-    cfg = cls(dict(fam.unet))
+    cfg = cls(_detected_config(name))
     cfg.set_inference_dtype(dtype, None)
     with torch.inference_mode(False):
         model = cfg.get_model({})
@@ -295,7 +307,7 @@ def _dit_files(name: str, seed: int):
         out = {"unet": {k: v.detach().clone() for k, v in model.diffusion_model.state_dict().items()}}
         encs = _clip_files(clip)
         for te in FAMILIES[name].te_files:
-            out[te] = encs[te.split("_")[0] if te.startswith("clip") else "t5xxl"]
+            out[te] = encs[te if te.startswith("clip") else "t5xxl"]
         return out
 
     return files
@@ -324,24 +336,24 @@ _HOOKED = {}
 
 
 def _hook_text_encoder_loader() -> None:
-    """Wrap ``comfy.sd.load_text_encoder_state_dicts`` so separate tiny text encoder files get
-    their sizes (the detection hook of DualCLIPLoader/TripleCLIPLoader/CLIPLoader)."""
-    import comfy.sd
+    """Wrap ``comfy.text_encoders.long_clipl.model_options_long_clip``, the per-file sizing hook
+    ``comfy.sd.load_text_encoder_state_dicts`` calls for every text encoder file of
+    DualCLIPLoader/TripleCLIPLoader/CLIPLoader (ComfyUI sizes long CLIPs there), so that tiny
+    text encoder files get their sizes too."""
+    import comfy.text_encoders.long_clipl as long_clipl
 
     if _HOOKED.get("te"):
         return
-    original = comfy.sd.load_text_encoder_state_dicts
+    original = long_clipl.model_options_long_clip
 
-    def load_text_encoder_state_dicts(state_dicts=[], embedding_directory=None, clip_type=None, model_options={}, **kw):
-        opts = _tiny_te_options(state_dicts)
+    def model_options_long_clip(sd, tokenizer_data, model_options, *args, **kw):
+        tokenizer_data, model_options = original(sd, tokenizer_data, model_options, *args, **kw)
+        opts = _tiny_te_options([sd])
         if opts:
             model_options = _merge_options(model_options, opts)
-        if clip_type is None:
-            clip_type = comfy.sd.CLIPType.STABLE_DIFFUSION
-        return original(state_dicts, embedding_directory=embedding_directory, clip_type=clip_type,
-                        model_options=model_options, **kw)
+        return tokenizer_data, model_options
 
-    comfy.sd.load_text_encoder_state_dicts = load_text_encoder_state_dicts
+    long_clipl.model_options_long_clip = model_options_long_clip
     _HOOKED["te"] = original
 
 
