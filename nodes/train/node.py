@@ -127,7 +127,7 @@ class SVDiffTrain(io.ComfyNode):
         if a.get("prior_conditioning"):
             a["prior_conditioning"] = a["prior_conditioning"][0]
         r = train(a)
-        text = f"trained {r.steps} steps; routes {r.report['routes']}"
+        text = f"{r.report['memory_plan']}\ntrained {r.steps} steps; routes {r.report['routes']}"
         if r.report["notes"]:
             text += "\n" + "\n".join(r.report["notes"])
         if r.report["preview_steps"]:

@@ -94,10 +94,11 @@ def pil_preview(img: torch.Tensor):
 
 
 class StatusText:
-    """Loss, s/step and ETA as the node's progress text (at most about once a second)."""
+    """Loss, s/step and ETA as the node's progress text (at most about once a second), below
+    ``header`` (the run's memory plan)."""
 
-    def __init__(self, start: int, steps: int):
-        self.start, self.steps = start, steps
+    def __init__(self, start: int, steps: int, header: str = ""):
+        self.start, self.steps, self.header = start, steps, header
         self.t0 = time.perf_counter()
         self.last = 0.0
         self.node_id = compat.executing_node_id()
@@ -105,8 +106,9 @@ class StatusText:
     def text(self, i: int, loss: float, previews: int) -> str:
         per = (time.perf_counter() - self.t0) / max(1, i + 1)
         eta = per * (self.steps - i - 1)
-        return (f"step {self.start + i + 1}/{self.start + self.steps}  loss {loss:.4f}  {per:.2f} s/step  "
+        live = (f"step {self.start + i + 1}/{self.start + self.steps}  loss {loss:.4f}  {per:.2f} s/step  "
                 f"ETA {int(eta // 60)}:{int(eta % 60):02d}  previews {previews}")
+        return f"{self.header}\n{live}" if self.header else live
 
     def update(self, i: int, loss: float, previews: int) -> None:
         now = time.perf_counter()

@@ -30,6 +30,7 @@ from ..common import check_interrupt, log, progress, resolve_file
 from ..shifts import apply_shift, read_shift_file, save_shift_numbered
 from .attention import attention_loss, concat_maps, parse_resolutions
 from .data import concat_kwargs, denoise_x0, prediction_target, special_tokens
+from . import plan as memory
 from .layers import Trainable
 from .preview import Previewer, StatusText, pil_preview
 from .settings import INJECTION_KEY, NODE, NONE, TrainSettings, err, training_dtype
@@ -260,6 +261,7 @@ class StepContext:
     resolutions: object = None
     base_lrs: list = field(default_factory=list)   # each parameter group's rate before the schedule
     total_steps: int = 0                           # the schedule's horizon: resumed + new steps
+    plan_text: str = ""                            # the memory plan, shown above the live figures
 
     @property
     def device(self):
@@ -361,7 +363,7 @@ def train_step(ctx: StepContext, source, step: int) -> float:
 
 
 def _run_steps(ctx: StepContext, source, writer: ShiftWriter, previewer: Previewer, start: int, steps: int, pbar, t0: float) -> None:
-    status = StatusText(start, steps)
+    status = StatusText(start, steps, ctx.plan_text)
     if previewer.due(start, first=True):
         pbar.update_absolute(0, steps, pil_preview(previewer.sample(start)))
     with torch.enable_grad():
@@ -428,6 +430,7 @@ def train(node_inputs: dict) -> TrainResult:
     s, resolutions = _check_inputs(node_inputs)
     model, clip = node_inputs["model"], node_inputs.get("clip")
     notes: list = []
+    plan_text = memory.check(model, clip, s, notes)  # before any work: refuses a run that cannot fit
     target, sigma_data = prediction_target(model)
     check_clip = ClipCheck(model)
     with torch.inference_mode(False):
@@ -456,7 +459,8 @@ def train(node_inputs: dict) -> TrainResult:
                 source = make_source(run, d, prior, s, check_clip)
                 ctx = StepContext(run, s, optimizer, ms.sigmas.detach().clone().to(run.device), target, sigma_data,
                                   run.mp.model_options.get("transformer_options", {}), loss_map, positions_of(d),
-                                  single_pos, resolutions, [g["lr"] for g in optimizer.param_groups], start + s.steps)
+                                  single_pos, resolutions, [g["lr"] for g in optimizer.param_groups], start + s.steps,
+                                  plan_text)
                 with compat.training_mode():
                     _run_steps(ctx, source, writer, previewer, start, s.steps, pbar, t0)
         finally:
@@ -464,7 +468,9 @@ def train(node_inputs: dict) -> TrainResult:
             compat.unload_patcher(run.mp)
             if run.clip_t is not None:
                 compat.unload_patcher(run.clip_t.patcher)
-        return _finish(node_inputs, run, writer, start + s.steps, t0, loss_map, notes, d, prior, previewer)
+        result = _finish(node_inputs, run, writer, start + s.steps, t0, loss_map, notes, d, prior, previewer)
+        result.report["memory_plan"] = plan_text
+        return result
 
 
 def _without_fp(shift: SpectralShift) -> SpectralShift:
