@@ -230,6 +230,8 @@ def _preferred_lora_names(key_map: dict, unet: bool) -> dict:
     """
     by_key: dict = {}
     for name, key in key_map.items():
+        if not isinstance(key, str):
+            continue  # (key, slice) targets: diffusers names of one part of a fused weight (DiT q/k/v)
         by_key.setdefault(key, []).append(name)
 
     def rank(name, key):
