@@ -44,7 +44,7 @@ subset                 MMDiT (SD3 / SD3.5)                                      
 ``DiT-MLP``            ``joint_blocks.N.{x_block,context_block}.mlp.``           ``double_blocks.N.{img_mlp,txt_mlp}.``,
                        (fc1, fc2)                                               ``single_blocks.N.{linear1,linear2}.``
 ``DiT-1D``             1-D weights (the QK RMSNorm scales)                      1-D weights (QK RMSNorm scales; ComfyUI 0.33 names them
-                                                                                ``….weight``, 0.3.75 ``….scale``, which is not shifted)
+                                                                                ``….weight``, 0.3.75 ``….scale``)
 ``DiT-Early-Blocks``   ``DiT-Blocks[0:a]``                                      same (= every double block for Flux-dev)
 ``DiT-Middle-Blocks``  ``DiT-Blocks[a:b]``                                      same
 ``DiT-Late-Blocks``    ``DiT-Blocks[b:n]``                                      same

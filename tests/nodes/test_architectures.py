@@ -8,7 +8,6 @@ family table must show the same numbers (``test_readme_family_table_matches``).
 """
 
 import os
-import re
 
 import pytest
 import torch
@@ -30,9 +29,8 @@ EXPECTED = {
     "SDXL": (794, 2_565_880_320, 909_800, 256, 294_080, 3_670_265_632),
     "SD3.5 medium": (271, 2_241_921_024, 412_032, 122, 7_808, 2_874_286_080),
     "SD3.5 large": (385, 8_053_850_112, 929_024, 152, 9_728, 10_311_589_888),
-    # ComfyUI 0.3.75 names Flux's 152 q/k RMSNorm scales `….scale`, 0.33 `….weight`; the pack
-    # shifts `….weight` keys only, so on 0.3.75 Flux has no 1-D weight to shift.
-    "Flux-dev": (314, 11_898_322_944, 950_656, *((152, 19_456) if NEW_COMFY else (0, 0)), 14_815_141_888),
+    # Flux's 152 q/k RMSNorm scales are `….scale` keys on ComfyUI 0.3.75, `….weight` on 0.33: shifted on both
+    "Flux-dev": (314, 11_898_322_944, 950_656, 152, 19_456, 14_815_141_888),
     "CLIP-L": (75, 123_528_960, 56_909, 25, 19_200, 167_181_865),
     "CLIP-H": (147, 353_711_104, 149_581, 49, 50_176, 506_809_129),
     "CLIP-G": (195, 694_124_800, 248_397, 65, 83_200, 1_011_980_329),
@@ -125,11 +123,13 @@ def test_every_weight_of_the_diffusion_model_gets_a_key(ck, models, shapes_of):
     model = models[ck][0]
     sd = {k: v for k, v in model.state_dict().items() if k.startswith("diffusion_model.")}
     shapes = shapes_of[ck]
-    assert sorted(k for k in sd if k.endswith(".weight")) == sorted(shapes)
-    # everything else is a bias, SD3's positional embedding or (0.3.75 only) Flux's q/k norm scales
+    # every `….weight`, and on ComfyUI 0.3.75 Flux's q/k RMSNorm scales, which it names `….scale`
+    scales = {k for k in sd if k.endswith(".scale")}
+    assert len(scales) == (152 if ck == "Flux-dev" and not NEW_COMFY else 0)
+    assert sorted(k for k in sd if k.endswith(".weight")) + sorted(scales) == sorted(shapes, key=lambda k: (k.endswith(".scale"), k))
+    # everything else is a bias or SD3's positional embedding
     rest = {k.rsplit(".", 1)[-1] for k in sd if k not in shapes}
-    extra = {"pos_embed"} if ck.startswith("SD3") else ({"scale"} if ck == "Flux-dev" and not NEW_COMFY else set())
-    assert rest == {"bias"} | extra
+    assert rest == {"bias"} | ({"pos_embed"} if ck.startswith("SD3") else set())
     # ... and the parameters add up
     n1d = sum(s[0] for s in shapes.values() if len(s) == 1)
     n2d = sum(torch.Size(s).numel() for s in shapes.values() if len(s) >= 2)
@@ -186,21 +186,14 @@ def readme_rows() -> dict:
         if line.startswith("| ") and not line.startswith("| model part") and not line.startswith("|---"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             rows[cells[0]] = cells
-    return rows, text[start:end]
+    return rows
 
 
 def test_readme_family_table_matches(size_table):
-    """The README's table was printed by this test (``-s``) on ComfyUI 0.33.0; on 0.3.75 the
-    Flux row's 1-D weights and file size differ (see EXPECTED) and the README's note says so."""
+    """The README's table is what this test prints (``-s``), on either ComfyUI version."""
     table = {name: table_row(name, size_table[name]) for name in EXPECTED}
     print("\n".join("| " + " | ".join(row) + " |" for row in table.values()))
-    rows, section = readme_rows()
+    rows = readme_rows()
     for name, row in table.items():
-        if name == "Flux-dev" and not NEW_COMFY:
-            s = size_table[name]
-            assert re.search(rf"0\.3\.75[^|]*0 1-D weights[^|]*{s['shift_fp16_bytes'] / 1e6:.2f} MB", section)
-            row = [c for i, c in enumerate(row) if i not in (5, 6)]
-            assert row == [c for i, c in enumerate(rows[row[0]]) if i not in (5, 6)]
-            continue
         assert rows.get(row[0]) == row, (name, rows.get(row[0]), row)
     assert len(rows) == len(EXPECTED)

@@ -2,7 +2,7 @@
 
 The models are ComfyUI's own classes built on the meta device (``svdiff_testkit.meta_models``):
 the key sets are exactly those of SD1.5, SD2.1, SDXL, SD3.5 medium/large and Flux-dev as
-ComfyUI loads them.  Every subset of a family is non-empty there (one exception, named), has
+ComfyUI loads them.  Every subset of a family is non-empty there , has
 the exact count below, and the subsets split the model as documented in the README.
 """
 
@@ -15,27 +15,22 @@ import torch
 import svdiff.arithmetic as A
 import svdiff.subsets as S
 from svdiff.shift import SpectralShift, delta_length
-from svdiff_testkit import comfy_env
 from svdiff_testkit import meta_models as M
 
-NEW_COMFY = comfy_env.comfy_version() != "0.3.75"
 UNET_COUNTS = {
     # UNet, CA, CA-KV, 1D, 2D, 4D, Up, Down, Mid, Up-CA, Down-CA, Mid-CA
     "SD1.5": (391, 64, 32, 109, 184, 98, 219, 141, 26, 36, 24, 4),
     "SD2.1": (391, 64, 32, 109, 216, 66, 219, 141, 26, 36, 24, 4),
     "SDXL": (1050, 280, 140, 256, 743, 51, 542, 358, 143, 144, 96, 40),
 }
-_FLUX_033 = {"DiT": 466, "DiT-Attn": 304, "DiT-Text-QKV": 19, "DiT-MLP": 152, "DiT-1D": 152, "DiT-Early-Blocks": 266,
+_FLUX = {"DiT": 466, "DiT-Attn": 304, "DiT-Text-QKV": 19, "DiT-MLP": 152, "DiT-1D": 152, "DiT-Early-Blocks": 266,
              "DiT-Middle-Blocks": 95, "DiT-Late-Blocks": 95, "Flux-Double-Blocks": 266, "Flux-Single-Blocks": 190}
-# 0.3.75 names Flux's q/k norm scales `….scale` (not shifted): 4 per double block, 2 per single block fewer
-_FLUX_0375 = dict(_FLUX_033, **{"DiT": 314, "DiT-Attn": 152, "DiT-1D": 0, "DiT-Early-Blocks": 190, "DiT-Middle-Blocks": 57,
-                                "DiT-Late-Blocks": 57, "Flux-Double-Blocks": 190, "Flux-Single-Blocks": 114})
 DIT_COUNTS = {
     "SD3.5 medium": {"DiT": 393, "DiT-Attn": 243, "DiT-Text-QKV": 24, "DiT-MLP": 94, "DiT-1D": 122,
                      "DiT-Early-Blocks": 144, "DiT-Middle-Blocks": 132, "DiT-Late-Blocks": 109},
     "SD3.5 large": {"DiT": 537, "DiT-Attn": 303, "DiT-Text-QKV": 38, "DiT-MLP": 150, "DiT-1D": 152,
                     "DiT-Early-Blocks": 182, "DiT-Middle-Blocks": 168, "DiT-Late-Blocks": 179},
-    "Flux-dev": _FLUX_033 if NEW_COMFY else _FLUX_0375,
+    "Flux-dev": _FLUX,  # its q/k norm scales are `….scale` keys on ComfyUI 0.3.75, `….weight` on 0.33
 }
 
 
@@ -102,9 +97,7 @@ def test_dit_subsets_exact_counts(ck, shapes_of):
     shapes = shapes_of[ck]
     fam = S.family_of(shapes)
     n = {name: len(S.select(shapes, name)) for name in S.subsets_for(fam)}
-    assert n == DIT_COUNTS[ck]
-    empty = [name for name, c in n.items() if not c]
-    assert empty == ([] if NEW_COMFY or fam != S.FAMILY_FLUX else ["DiT-1D"])  # 0.3.75: Flux's norms are `.scale`
+    assert n == DIT_COUNTS[ck] and all(n.values())
     assert sel(shapes, "DiT") == set(shapes)
     assert sel(shapes, "DiT-1D") == {k for k, s in shapes.items() if len(s) == 1}
 
