@@ -1,6 +1,6 @@
 """Family-aware subsets and style presets on the real architectures of every family.
 
-The models are ComfyUI's own classes built on the meta device (``svdiff_testkit.meta_models``):
+The models are ComfyUI's own classes built on the meta device (``svdiff_testkit.meta_families``):
 the key sets are exactly those of SD1.5, SD2.1, SDXL, SD3.5 medium/large and Flux-dev as
 ComfyUI loads them.  Every subset of a family is non-empty there , has
 the exact count below, and the subsets split the model as documented in the README.
@@ -15,7 +15,7 @@ import torch
 import svdiff.arithmetic as A
 import svdiff.subsets as S
 from svdiff.shift import SpectralShift, delta_length
-from svdiff_testkit import meta_models as M
+from svdiff_testkit import meta_families as M
 
 UNET_COUNTS = {
     # UNet, CA, CA-KV, 1D, 2D, 4D, Up, Down, Mid, Up-CA, Down-CA, Mid-CA
@@ -215,11 +215,16 @@ def test_combine_node_refuses_a_unet_preset_on_a_dit_shift(shapes_of, pack):
 
 
 def test_train_node_refuses_a_unet_subset_on_a_dit(shapes_of, pack, comfy):
-    run = pack("nodes.train.run")
-    common = pack("nodes.common")
+    """Both places SVDiff Train selects its subset refuse it: the memory plan (first) and the training clone."""
+    import dataclasses
+
+    run, plan = pack("nodes.train.run"), pack("nodes.train.plan")
+    common, settings = pack("nodes.common"), pack("nodes.train.settings")
     for ck, subset, fam in [("Flux-dev", "UNet-CA", "a Flux DiT"), ("SD3.5 medium", "Flux-Single-Blocks", "an MMDiT"),
                             ("SDXL", "DiT-Attn", "a UNet")]:
         model = _P(M.diffusion_model(ck))
-        with pytest.raises(common.SVDiffNodeError, match=rf"\[SVDiff Train\] subset: '{subset}' is a subset for .*"
-                                                          rf"this model is {re.escape(fam)}.*; subsets for"):
+        match = rf"\[SVDiff Train\] subset: '{subset}' is a subset for .*this model is {re.escape(fam)}.*; subsets for"
+        with pytest.raises(common.SVDiffNodeError, match=match):
+            plan.plan_inputs(model, None, dataclasses.replace(settings.DEFAULTS, subset=subset))
+        with pytest.raises(common.SVDiffNodeError, match=match):
             run._unet_clone(model, types.SimpleNamespace(subset=subset), [], None)
