@@ -72,8 +72,9 @@ class SVDiffCombineShifts(io.ComfyNode):
                 io.Int.Input("rank", default=4, min=1, max=4096,
                              tooltip="rank limit: keep the shifts of the r largest singular values of every matrix of A (appendix E.1); smaller matrices are kept whole."),
                 io.Combo.Input("preset", options=[NO_PRESET] + LAYER_PRESET_NAMES, default=LAYER_PRESET_NAMES[0],
-                               tooltip="select layers: which layers come from A. Style presets follow XTI's layer names (SD1.x/SD2.x); "
-                                       "the others are the paper's Table 1 subsets. The mapping of XTI's names to this UNet is this pack's "
+                               tooltip="select layers: which layers come from A. Style presets follow XTI's layer names (SD1.x/SD2.x, and 'style SDXL:' for SDXL; "
+                                       "DiTs have none); the others are the subsets of SVDiff Train (Table 1 for UNets, DiT-* for SD3.5 and Flux), "
+                                       "refused on a shift of another family. The mapping of XTI's names to this UNet is this pack's "
                                        "reading, not the paper's: Fig. 10 names (16, down', 1)-(8, down', 0), but SD1.x has no cross-attention "
                                        "at 8x8 on the way down, so the geometry preset ends at the 8x8 middle block (README, style mixing)."),
                 io.String.Input("pattern", default="", optional=True,

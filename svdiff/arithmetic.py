@@ -252,26 +252,23 @@ def scale(shift: SpectralShift, s: float) -> SpectralShift:
     return out
 
 
-def layer_predicate(preset: Optional[str] = None, pattern: Optional[str] = None) -> tuple[Callable[[str, tuple], bool], str]:
-    """(predicate(key, shape), description) for a Table 1 subset / style preset name or a regex.
+def layer_predicate(preset: Optional[str] = None, pattern: Optional[str] = None,
+                    keys: Optional[Iterable[str]] = None) -> tuple[Callable[[str, tuple], bool], str]:
+    """(predicate(key, shape), description) for a subset / style preset name or a regex.
 
-    ``preset`` names a key of :data:`svdiff.subsets.SUBSETS` or :data:`svdiff.subsets.STYLE_PRESETS`;
-    ``pattern`` is a regular expression searched in each key.  Both given: a key must match both.
+    ``preset`` names a subset of :mod:`svdiff.subsets` (Table 1 for UNets, the DiT equivalents)
+    or a style preset (:data:`svdiff.subsets.STYLE_PRESETS`); it must fit the model family and
+    UNet layout that ``keys`` show.  ``pattern`` is a regular expression searched in each key.
+    Both given: a key must match both.
     """
     preds, desc = [], []
     if preset:
-        if preset in _subsets.SUBSETS:
-            preds.append(_subsets.SUBSETS[preset][1])
-            desc.append(f"subset {preset}")
-        elif preset in _subsets.STYLE_PRESETS:
-            prefixes = tuple(_subsets.STYLE_PRESETS[preset][1])
-            preds.append(lambda k, s, p=prefixes: k.startswith(p))
-            desc.append(f"preset {preset}")
-        else:
-            raise ShiftArithmeticError(
-                f"unknown layer preset {preset!r}; choose a Table 1 subset ({', '.join(_subsets.SUBSET_NAMES)}) "
-                f"or a style preset ({', '.join(_subsets.STYLE_PRESETS)})"
-            )
+        try:
+            pred, what = _subsets.preset_predicate(preset, keys or ())
+        except _subsets.SubsetError as e:
+            raise ShiftArithmeticError(str(e)) from None
+        preds.append(pred)
+        desc.append(what)
     if pattern:
         try:
             rx = re.compile(pattern)
@@ -292,7 +289,7 @@ def select_layers(chosen: SpectralShift, rest: SpectralShift, preset: Optional[s
     (or an unselected key that B lacks) is zero and left out.  An empty selection is refused.
     """
     shapes = check_compatible([chosen, rest])
-    pred, desc = layer_predicate(preset, pattern)
+    pred, desc = layer_predicate(preset, pattern, shapes)
     selected = [k for k, s in shapes.items() if pred(k, s)]
     if not selected:
         raise ShiftArithmeticError(f"the layer selection ({desc}) matches none of the {len(shapes)} keys of the two shifts")

@@ -57,7 +57,9 @@ class SVDiffTrain(io.ComfyNode):
                 io.Float.Input("prior_weight", default=DEFAULTS.prior_weight, min=0.0, max=10.0, step=0.05, tooltip="lambda of Eq. 3: weight of the prior-preservation loss. 0 turns it off (single-image editing)."),
                 io.Int.Input("num_prior_images", default=DEFAULTS.num_prior_images, min=1, max=1000, tooltip="How many class images to generate when prior_images is not connected. The default 8 keeps a first run short; DreamBooth-style real runs use 100-200 class images."),
                 io.Int.Input("prior_steps", default=DEFAULTS.prior_steps, min=1, max=200, tooltip="Sampling steps (euler) used to generate prior images."),
-                io.Combo.Input("subset", options=SUBSET_NAMES, default=DEFAULTS.subset, tooltip="Which weights get spectral shifts (Table 1 of the paper)."),
+                io.Combo.Input("subset", options=SUBSET_NAMES, default=DEFAULTS.subset, tooltip="Which weights get spectral shifts. UNets (SD1.x/SD2.x/SDXL): Table 1 of the paper (UNet...Mid-CA). "
+                                      "DiTs (SD3.5: MMDiT, Flux): DiT, DiT-Attn, DiT-Text-QKV, DiT-MLP, DiT-1D, block thirds, Flux-Double/Single-Blocks. "
+                                      "A subset of another family is refused (README, Model families)."),
                 io.Int.Input("rank", default=DEFAULTS.rank, min=0, max=4096, tooltip="0 = shift all singular values; r > 0 = only the r largest (appendix E.1)."),
                 io.Int.Input("steps", default=DEFAULTS.steps, min=0, max=100000, tooltip="Training steps to run now (added to the resumed step count). 0 = no training: outputs the resumed (or a zero) shift."),
                 io.Int.Input("batch_size", default=DEFAULTS.batch_size, min=1, max=64, tooltip="Instance images per step (as many prior images are added when prior_weight > 0)."),

@@ -12,7 +12,7 @@ import torch
 import comfy.model_management as mm
 
 from ...svdiff import memory_plan as M
-from ...svdiff.subsets import SUBSET_NAMES, select
+from ...svdiff.subsets import SubsetError, family_of, select, subsets_for
 from .. import comfy_compat as compat
 from ..adapter import UNET_PREFIX, architecture_of, shiftable_shapes
 from .settings import TrainSettings, err, training_dtype
@@ -34,12 +34,16 @@ def _text_encoder_shapes(clip) -> dict:
 def plan_inputs(model, clip, s: TrainSettings) -> tuple:
     """(PlanInputs of the run, subset name -> its trained shapes)."""
     shapes = shiftable_shapes(model, UNET_PREFIX)
-    subsets = {name: {k: shapes[k] for k in select(shapes, name)} for name in SUBSET_NAMES}
+    try:
+        trained = {k: shapes[k] for k in select(shapes, s.subset)}
+    except SubsetError as e:  # a subset of another model family
+        raise err("subset", str(e)) from None
+    subsets = {name: {k: shapes[k] for k in select(shapes, name)} for name in subsets_for(family_of(shapes))}
     train_te = bool(s.train_text_encoder) and clip is not None
     model_bytes = _weights_bytes(model) + (_weights_bytes(clip.patcher) if train_te else 0)
     tdt = training_dtype(s.training_dtype, model.load_device, mm.should_use_bf16)
     p = M.PlanInputs(
-        model_bytes=model_bytes, all_shapes=shapes, trained_shapes=subsets[s.subset], rank=s.rank, optimizer=s.optimizer,
+        model_bytes=model_bytes, all_shapes=shapes, trained_shapes=trained, rank=s.rank, optimizer=s.optimizer,
         resolution=s.resolution, samples=s.batch_size * (2 if s.prior_weight > 0 else 1),
         compute_bytes=torch.empty((), dtype=tdt).element_size(),
         checkpointing=s.gradient_checkpointing, architecture=architecture_of(model),

@@ -22,7 +22,7 @@ import comfy.model_management as mm
 from ...svdiff import losses, training
 from ...svdiff.cutmix import CutMixTrainingSet
 from ...svdiff.shift import SpectralShift
-from ...svdiff.subsets import select
+from ...svdiff.subsets import SubsetError, select
 from .. import comfy_compat as compat
 from ..adapter import UNET_PREFIX, architecture_of, carried_shift_keys, combined_fingerprint, shiftable_shapes
 from ..attention_capture import AttentionCapture
@@ -65,7 +65,10 @@ class Run:
 # Trainable clones
 # ---------------------------------------------------------------------------------------
 def _unet_clone(model, s: TrainSettings, notes: list, resolutions) -> Run:
-    unet_keys = select(shiftable_shapes(model, UNET_PREFIX), s.subset)
+    try:
+        unet_keys = select(shiftable_shapes(model, UNET_PREFIX), s.subset)
+    except SubsetError as e:
+        raise err("subset", str(e)) from None
     if not unet_keys:
         raise err("subset", f"the subset {s.subset} selects no weight of this model")
     mp = compat.training_clone(model)
