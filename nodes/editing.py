@@ -292,7 +292,8 @@ class SVDiffDDIMSampler(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "DDIM with η as a SAMPLER for SamplerCustom / SamplerCustomAdvanced. η = 0 is ComfyUI's "
-                "deterministic 'ddim'; η > 0 adds the noise DDIM defines (the paper uses 0.5 and 0.9 after inversion)."
+                "deterministic 'ddim' ('euler' on flow models such as SD3.x and Flux); η > 0 adds the noise DDIM defines "
+                "(the paper uses 0.5 and 0.9 after inversion)."
             ),
             inputs=[
                 io.Float.Input("eta", default=0.5, min=0.0, max=1.0, step=0.01,
