@@ -28,7 +28,8 @@ SAMPLER = "DDIM Sampler (η)"
 SLERP = "Slerp Noise"
 
 _KIND_NAMES = {
-    "CONST": "flow matching (CONST)",
+    "IMG_TO_IMG_FLOW": "image-to-image flow, whose output is the result (IMG_TO_IMG_FLOW)",
+    "CONST": "flow matching (CONST) with its own denoising or noise scaling",
     "COSMOS_RFLOW": "rectified flow (COSMOS_RFLOW)",
     "IMG_TO_IMG": "image-to-image x0 prediction",
     "X0": "x0 prediction",
