@@ -367,6 +367,33 @@ def prediction_kind(model_sampling) -> str:
     return type(model_sampling).__name__
 
 
+def is_flow(model_sampling) -> bool:
+    """Whether the model is flow matching in ComfyUI's ``CONST`` parameterisation:
+    ``x_t = (1 - t) x0 + t * noise_scale * n``, output the velocity, ``x0 = x_t - t * output``.
+
+    :func:`prediction_kind` == "flow" (a ``CONST`` whose ``calculate_denoised`` and
+    ``noise_scaling`` are ``CONST``'s own), and ``inverse_noise_scaling`` and
+    ``calculate_input`` are ``CONST``'s too: SD3.x (``ModelSamplingDiscreteFlow``), Flux
+    (``ModelSamplingFlux``), also with ``ModelSamplingSD3``/``ModelSamplingFlux`` shift nodes.
+    0.33's ``IMG_TO_IMG_FLOW`` (output = result) is not.
+    """
+    const = comfy.model_sampling.CONST
+    cls = type(model_sampling)
+    return (prediction_kind(model_sampling) == "flow"
+            and getattr(cls, "inverse_noise_scaling", None) is const.inverse_noise_scaling
+            and getattr(cls, "calculate_input", None) is const.calculate_input)
+
+
+def flow_noise_scale(model_sampling) -> float:
+    """The factor on the unit noise in a flow model's ``noise_scaling`` (``x_1 = s * n``).
+
+    0.33's ``CONST.noise_scaling`` multiplies the noise by ``getattr(self, "noise_scale", 1.0)``
+    (``ModelSamplingDiscreteFlow.set_noise_scale``: 8 for the HiDream-O1 pixel model, 1
+    otherwise); 0.3.75 has no such factor (1.0).
+    """
+    return float(getattr(model_sampling, "noise_scale", 1.0))
+
+
 def _denoised_methods():
     ms = comfy.model_sampling
     return tuple(getattr(ms, n).calculate_denoised for n in ("EPS", "V_PREDICTION", "EDM") if hasattr(ms, n))

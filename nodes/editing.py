@@ -3,6 +3,12 @@
 Glue only: the math is in ``svdiff/inversion.py``.  The model is evaluated through ComfyUI's
 own guider (``comfy.samplers.CFGGuider`` running a custom ``KSAMPLER``), so model patches
 (spectral shifts, LoRAs, attention patches), cfg and conditioning work as in sampling.
+
+Two noise parameterisations are supported: ε/v models (VE, ``x0 + sigma n``) and flow
+matching (SD3.x, Flux: ComfyUI's ``CONST``, ``(1 - t) x0 + t n``).  ComfyUI's samplers start a
+flow model from ``noise_scaling(sigma0, noise, latent) = sigma0 * noise + (1 - sigma0) *
+latent``, which at sigma0 = 1 ignores the LATENT: an inverted flow latent is fed back as the
+NOISE of SamplerCustomAdvanced (DDIM Invert's NOISE output, :class:`StartAtLatentNoise`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ SAMPLER = "DDIM Sampler (η)"
 SLERP = "Slerp Noise"
 
 _KIND_NAMES = {
-    "CONST": "flow matching (CONST)",
+    "IMG_TO_IMG_FLOW": "image-to-image flow, whose output is the result (IMG_TO_IMG_FLOW)",
+    "CONST": "flow matching (CONST) with its own denoising or noise scaling",
     "COSMOS_RFLOW": "rectified flow (COSMOS_RFLOW)",
     "IMG_TO_IMG": "image-to-image x0 prediction",
     "X0": "x0 prediction",
@@ -31,8 +38,9 @@ _KIND_NAMES = {
 
 
 def sampling_kind_error(model_sampling) -> str | None:
-    """None for an eps-/v-prediction model (VE noise x0 + sigma*n), else what it is instead."""
-    if compat.is_ve_eps_or_v(model_sampling):
+    """None for an eps-/v-prediction model (VE noise x0 + sigma*n) or a flow-matching model
+    (CONST), else what it is instead."""
+    if compat.is_ve_eps_or_v(model_sampling) or compat.is_flow(model_sampling):
         return None
     cls = type(model_sampling)
     for c in cls.__mro__:
@@ -41,13 +49,21 @@ def sampling_kind_error(model_sampling) -> str | None:
     return cls.__name__
 
 
-def require_eps_or_v(node: str, model_sampling) -> None:
+def sampling_route(node: str, model_sampling) -> str:
+    """``inversion.VE`` or ``inversion.FLOW`` for the model; a clear error for any other kind."""
     kind = sampling_kind_error(model_sampling)
     if kind is not None:
         raise SVDiffNodeError(
             node,
-            f"model: DDIM needs an ε- or v-prediction model (SD1.x, SD2.x, SDXL); this model uses {kind}, which is not supported",
+            "model: DDIM needs an ε- or v-prediction model (SD1.x, SD2.x, SDXL) or a flow-matching model "
+            f"(SD3.x, Flux); this model uses {kind}, which is not supported",
         )
+    return inversion.FLOW if compat.is_flow(model_sampling) else inversion.VE
+
+
+def noise_std(kind: str, model_sampling) -> float:
+    """The factor on the unit noise at t = 1 (flow models; 1 for VE, where it is unused)."""
+    return compat.flow_noise_scale(model_sampling) if kind == inversion.FLOW else 1.0
 
 
 def model_sigma_data(node: str, model_sampling) -> float:
@@ -151,10 +167,13 @@ class SVDiffDDIMInvert(io.ComfyNode):
             description=(
                 "DDIM inversion (SVDiff Eq. 6): turn a VAE-encoded image into the noisy latent from which "
                 "KSamplerAdvanced (add_noise disable, sampler ddim/euler, same steps/scheduler/start step) "
-                "or SamplerCustom with the output SIGMAS reconstructs it. Edit by changing the prompt."
+                "or SamplerCustom with the output SIGMAS reconstructs it. Edit by changing the prompt. "
+                "Flow models (SD3.x, Flux): sample back with SamplerCustomAdvanced given this node's NOISE, "
+                "SIGMAS and LATENT (ComfyUI's other samplers start a flow model from the noise, not the latent)."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An ε- or v-prediction model (SD1.x, SD2.x, SDXL), e.g. the one fine-tuned on the image."),
+                io.Model.Input("model", tooltip="An ε- or v-prediction model (SD1.x, SD2.x, SDXL) or a flow-matching model (SD3.x, Flux), "
+                                        "e.g. the one fine-tuned on the image."),
                 io.Conditioning.Input("positive", tooltip="The prompt to invert with (the paper uses the edited target prompt)."),
                 io.Latent.Input("latent", tooltip="The image's latent from VAE Encode (clean, raw VAE scale)."),
                 io.Int.Input("steps", default=20, min=1, max=10000,
@@ -176,6 +195,8 @@ class SVDiffDDIMInvert(io.ComfyNode):
                 io.Latent.Output(display_name="LATENT", tooltip="The inverted noisy latent, in the raw scale KSamplerAdvanced (add_noise disable) expects. "
                                                                 "It records the noise level it was inverted to, which Slerp Noise reads when its sigmas input is unconnected."),
                 io.Sigmas.Output(display_name="SIGMAS", tooltip="The sigmas inverted along (descending, as a sampler uses them); the first is the latent's noise level."),
+                io.Noise.Output(display_name="NOISE", tooltip="For SamplerCustomAdvanced: starts sampling exactly at its latent_image (this LATENT, or "
+                                                              "Slerp Noise's). Needed for flow models; for ε/v models it equals DisableNoise."),
             ],
         )
 
@@ -184,7 +205,7 @@ class SVDiffDDIMInvert(io.ComfyNode):
         samples = latent.get("samples") if isinstance(latent, dict) else None
         check_latent(INVERT, samples)
         ms = model.get_model_object("model_sampling")
-        require_eps_or_v(INVERT, ms)
+        kind = sampling_route(INVERT, ms)
         sigma_data = model_sigma_data(INVERT, ms)
         if scheduler not in comfy.samplers.SCHEDULER_NAMES:
             raise SVDiffNodeError(INVERT, f"scheduler: unknown scheduler {scheduler!r}")
@@ -198,7 +219,7 @@ class SVDiffDDIMInvert(io.ComfyNode):
         sigmas = inversion_sigmas(model, scheduler, steps, start_at_step, end_at_step)
         if len(sigmas) < 2:
             log.warning("[%s] start_at_step %d leaves no step to invert; the latent is returned unchanged", INVERT, start_at_step)
-            return io.NodeOutput(record_sigma(latent, samples, float(sigmas[0])), sigmas)
+            return io.NodeOutput(record_sigma(latent, samples, float(sigmas[0])), sigmas, StartAtLatentNoise(model, kind))
 
         n_steps = len(sigmas) - 1
         pbar = progress(n_steps * (int(refine_iterations) + 1))
@@ -207,9 +228,18 @@ class SVDiffDDIMInvert(io.ComfyNode):
             check_interrupt()
             pbar.update(1)
 
+        x0 = samples.float()
+        # a flow model's sampler input is sigma0 * noise + (1 - sigma0) * latent (0 at sigma0 = 1):
+        # start from the clean latent itself, processed in as the guider does
+        flow_start = model.model.process_latent_in(x0) if kind == inversion.FLOW else None
+        ns = noise_std(kind, ms)
+
         def invert_fn(model_k, x, sigmas_, extra_args=None, callback=None, disable=None):
+            if flow_start is not None:
+                x = flow_start.to(device=x.device, dtype=x.dtype)
             den = _denoiser(model_k, x, extra_args or {})
-            return inversion.ddim_invert(den, x, sigmas_, int(refine_iterations), on_eval=on_eval, sigma_data=sigma_data)
+            return inversion.ddim_invert(den, x, sigmas_, int(refine_iterations), on_eval=on_eval, sigma_data=sigma_data,
+                                         kind=kind, noise_std=ns)
 
         guider = comfy.samplers.CFGGuider(model)
         if negative is None:
@@ -217,7 +247,6 @@ class SVDiffDDIMInvert(io.ComfyNode):
         else:
             guider.set_conds(positive, negative)
         guider.set_cfg(float(cfg))
-        x0 = samples.float()
         zeros = torch.zeros_like(x0, device="cpu")
         try:
             out = guider.sample(zeros, x0, comfy.samplers.KSAMPLER(invert_fn), sigmas, seed=0)
@@ -226,7 +255,33 @@ class SVDiffDDIMInvert(io.ComfyNode):
         out = out.to(samples.device)
         if not torch.isfinite(out).all():
             raise SVDiffNodeError(INVERT, "the inversion produced NaN/inf values (check the model and the latent)")
-        return io.NodeOutput(record_sigma(latent, out, float(sigmas[0])), sigmas)
+        return io.NodeOutput(record_sigma(latent, out, float(sigmas[0])), sigmas, StartAtLatentNoise(model, kind))
+
+
+class StartAtLatentNoise:
+    """A NOISE (SamplerCustomAdvanced's ``noise`` input) that makes the sampler start exactly at
+    its ``latent_image``, read as a noisy latent at the first sigma.
+
+    ComfyUI starts from ``model_sampling.noise_scaling(sigma0, noise, latent)``: for an ε/v
+    model ``noise * k + latent`` (k = sigma0 or sqrt(1 + sigma0^2)), so zero noise starts at the
+    latent (what DisableNoise / KSamplerAdvanced's add_noise disable do); for a flow model
+    ``sigma0 * s_n * noise + (1 - sigma0) * latent``, so the noise must be the latent itself
+    (``latent / s_n`` in the model's space): then the start is the latent, exactly at sigma0 = 1.
+    """
+
+    def __init__(self, model, kind: str):
+        self.seed = 0
+        self.kind = kind
+        self.model = model
+
+    def generate_noise(self, input_latent):
+        samples = input_latent["samples"]
+        if self.kind != inversion.FLOW:
+            return torch.zeros(samples.shape, dtype=samples.dtype, layout=samples.layout, device="cpu")
+        ms = self.model.get_model_object("model_sampling")
+        x = self.model.model.process_latent_in(samples.to("cpu"))
+        s = compat.flow_noise_scale(ms)
+        return x if s == 1.0 else x / s
 
 
 class SVDiffDDIMSampler(io.ComfyNode):
@@ -238,7 +293,8 @@ class SVDiffDDIMSampler(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "DDIM with η as a SAMPLER for SamplerCustom / SamplerCustomAdvanced. η = 0 is ComfyUI's "
-                "deterministic 'ddim'; η > 0 adds the noise DDIM defines (the paper uses 0.5 and 0.9 after inversion)."
+                "deterministic 'ddim' ('euler' on flow models such as SD3.x and Flux); η > 0 adds the noise DDIM defines "
+                "(the paper uses 0.5 and 0.9 after inversion)."
             ),
             inputs=[
                 io.Float.Input("eta", default=0.5, min=0.0, max=1.0, step=0.01,
@@ -261,7 +317,8 @@ def make_ddim_sampler(eta: float, seed: int):
     """A ComfyUI SAMPLER running :func:`svdiff.inversion.ddim_sample` with eta and a seeded CPU generator."""
 
     def ddim_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        require_eps_or_v(SAMPLER, model_k.inner_model.inner_model.model_sampling)
+        ms = model_k.inner_model.inner_model.model_sampling
+        kind = sampling_route(SAMPLER, ms)
         extra_args = extra_args or {}
         den = _denoiser(model_k, x, extra_args)
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -275,7 +332,7 @@ def make_ddim_sampler(eta: float, seed: int):
                 callback({"x": xx, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
 
         try:
-            return inversion.ddim_sample(den, x, sigmas, eta, noise, cb)
+            return inversion.ddim_sample(den, x, sigmas, eta, noise, cb, kind=kind, noise_std=noise_std(kind, ms))
         except inversion.InversionError as e:
             raise SVDiffNodeError(SAMPLER, str(e)) from None
 
@@ -316,15 +373,18 @@ class SVDiffSlerpNoise(io.ComfyNode):
         if not (0.0 <= alpha <= 1.0):
             raise SVDiffNodeError(SLERP, f"alpha: must be in [0, 1], got {alpha}")
         ms = model.get_model_object("model_sampling")
-        require_eps_or_v(SLERP, ms)
+        kind = sampling_route(SLERP, ms)
         sigma_data = model_sigma_data(SLERP, ms)
         sigma = slerp_sigma(latent, samples, sigmas)
+        if kind == inversion.FLOW and not 0.0 <= sigma <= 1.0:
+            raise SVDiffNodeError(SLERP, f"sigmas: a flow-matching model's noise level lies in [0, 1]; got {sigma:.4g} "
+                                         "(connect the SIGMAS DDIM Invert gave for this model)")
         if alpha == 0.0:
             return io.NodeOutput(record_sigma(latent, samples, sigma))
         eps = comfy.sample.prepare_noise(samples, int(seed), latent.get("batch_index"))
         z = model.model.process_latent_in(samples.float())
         try:
-            mixed = inversion.slerp_noise(z, eps.to(z.device, torch.float32), alpha, sigma, sigma_data)
+            mixed = inversion.slerp_noise(z, eps.to(z.device, torch.float32), alpha, sigma, sigma_data, kind, noise_std(kind, ms))
         except inversion.InversionError as e:
             raise SVDiffNodeError(SLERP, f"latent: {e}") from None
         return io.NodeOutput(record_sigma(latent, model.model.process_latent_out(mixed).to(samples.dtype), sigma))

@@ -210,3 +210,168 @@ def test_slerp_noise_refuses_zero_and_nonfinite(bad):
         z[0, 0, 0, 0] = float(bad)
     with pytest.raises(inv.InversionError, match="zeros" if bad == "zero" else "NaN"):
         inv.slerp_noise(z, torch.randn(2, 4, 4, 4), 0.5, 14.6)
+
+
+# ------------------------------- flow matching (kind="flow") ---------------------------
+
+
+def flow_schedule(steps, shift=3.0):
+    """Descending flow times 1 .. 0 with SD3's time shift t' = s t / (1 + (s - 1) t)."""
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).float()
+
+
+def gaussian_flow_denoiser(mu, s2, calls=None, noise_std=1.0):
+    """Exact denoiser of x_t = (1-t) x0 + t n eps, x0 ~ N(mu, s2 I):
+    D = mu + (1-t) s2 / ((1-t)^2 s2 + t^2 n^2) (x - (1-t) mu)."""
+
+    def D(x, t):
+        t = float(t)
+        if calls is not None:
+            calls.append(t)
+        var = (1 - t) ** 2 * s2 + (t * noise_std) ** 2
+        return mu + (1 - t) * s2 / var * (x - (1 - t) * mu)
+
+    return D
+
+
+def nonlinear_flow_denoiser(seed=0, c=4):
+    """A smooth non-linear velocity model: D = x - t v(x), v = tanh(W x + b) + 0.5 x - x / 2."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(c, c, generator=g) * 0.5
+    b = torch.randn(c, generator=g) * 0.3
+
+    def D(x, t):
+        v = torch.tanh(torch.einsum("oc,bchw->bohw", W, x) + b[None, :, None, None]) - 0.3 * x
+        return x - float(t) * v
+
+    return D
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 0.9, 1.0])
+def test_flow_eta_coefficients_are_ddim_eq16_in_the_flow_latent(eta):
+    # DDIM Eq. 16 written out in the VP latent z = x / c(t), sqrt(abar) = (1-t)/c, independently
+    for t, tp in [(1.0, 0.9), (0.9, 0.8), (0.5, 0.3), (0.2, 0.05)]:
+        c_t, c_p = math.hypot(1 - t, t), math.hypot(1 - tp, tp)
+        a_t, a_p = ((1 - t) / c_t) ** 2, ((1 - tp) / c_p) ** 2
+        vp_std = eta * math.sqrt((1 - a_p) / (1 - a_t)) * math.sqrt(1 - a_t / a_p)
+        t_down, gain, up = inv.flow_eta_coefficients(t, tp, eta)
+        assert up == pytest.approx(vp_std * c_p, rel=1e-9, abs=1e-12)  # back to x = c z
+        d = math.sqrt(1 - a_p - vp_std**2) * c_p  # Eq. 12's eps coefficient, in x
+        # the deterministic part (1-t') x0 + d eps: Euler to t_down, times gain
+        assert gain * (1 - t_down) == pytest.approx(1 - tp, rel=1e-9)
+        assert gain * t_down == pytest.approx(d, rel=1e-7, abs=1e-12)
+        assert d**2 + up**2 == pytest.approx(tp**2, rel=1e-9)
+        if t < 1:  # the same as the VE step at sigma = t / (1-t), times (1 - t')
+            _, up_ve = inv.ddim_eta_sigmas(t / (1 - t), tp / (1 - tp), eta)
+            assert up == pytest.approx((1 - tp) * up_ve, rel=1e-9, abs=1e-12)
+    assert inv.flow_eta_coefficients(0.5, 0.3, 0.0) == (0.3, 1.0, 0.0)
+    assert inv.flow_eta_coefficients(0.5, 0.0, 0.9) == (0.0, 1.0, 0.0)
+
+
+def test_flow_eta_one_from_t1_is_the_ddpm_posterior():
+    # from pure noise (t = 1) with eta = 1 the step forgets eps_hat: x' = (1-t') x0_hat + t' z
+    D = nonlinear_flow_denoiser(1)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    one = torch.tensor(1.0)
+    got = inv.flow_eta_step(x, D(x, one), one, torch.tensor(0.7), 1.0, lambda: z)
+    assert torch.allclose(got, 0.3 * D(x, one) + 0.7 * z, atol=1e-6)
+
+
+def test_flow_ddim_sample_is_euler_at_eta0_and_adds_exactly_up_noise():
+    D = nonlinear_flow_denoiser(2)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    sig = flow_schedule(6)[:3]
+    det = inv.ddim_sample(D, x, sig, eta=0.0, kind="flow")
+    y = x
+    for i in range(2):  # the flow ODE's Euler step x + (t' - t) v, v = (x - D) / t
+        v = (y - D(y, sig[i])) / sig[i]
+        y = y + v * (sig[i + 1] - sig[i])
+    assert torch.equal(det, y)
+    zs = [torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(20 + i)) for i in range(2)]
+    for ns in (1.0, 3.0):
+        got = inv.ddim_sample(D, x, sig, eta=0.6, noise=lambda i: zs[i], kind="flow", noise_std=ns)
+        y = x
+        for i in range(2):  # x' = (1-t') x0_hat + d eps_hat + u n z, with x = (1-t) x0_hat + t n eps_hat
+            t, tp = float(sig[i]), float(sig[i + 1])
+            x0 = D(y, sig[i])
+            eps = (y - (1 - t) * x0) / t  # n * eps_hat
+            _, _, up = inv.flow_eta_coefficients(t, tp, 0.6)
+            d = math.sqrt(tp**2 - up**2)
+            y = (1 - tp) * x0 + d * eps + up * ns * zs[i]
+        assert torch.allclose(got, y, rtol=1e-5, atol=1e-5), (ns, (got - y).abs().max())
+
+
+def test_flow_scale_is_the_gaussian_flow():
+    assert inv.flow_scale(1.0) == 1.0 and inv.flow_scale(0.0) == 1.0
+    assert inv.flow_scale(0.5) == pytest.approx(math.sqrt(0.5))
+    assert inv.flow_scale(1.0, 0.5, 8.0) == 8.0 and inv.flow_scale(0.0, 0.5, 8.0) == 0.5
+    assert inv.latent_scale(3.0) == inv.unit_scale(3.0)
+    for bad in (-0.1, 1.2):
+        with pytest.raises(inv.InversionError, match=r"\[0, 1\]"):
+            inv.flow_scale(bad)
+    with pytest.raises(inv.InversionError, match="unknown"):
+        inv.latent_scale(0.5, kind="x0")
+    # for Gaussian data the inverse step's first guess x * c(t_hi) / c(t_lo) is the exact flow
+    D = gaussian_flow_denoiser(0.0, 1.0)
+    x_lo = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(6))
+    lo, hi = torch.tensor(0.3), torch.tensor(0.6)
+    x_hi = inv.inverse_step(D, x_lo, lo, hi, kind="flow")
+    guess = x_lo * (inv.flow_scale(0.6) / inv.flow_scale(0.3))
+    assert torch.allclose(x_hi, x_lo + 0.3 * (guess - D(guess, hi)) / 0.6, atol=1e-6)
+
+
+@pytest.mark.parametrize("noise_std", [1.0, 8.0])
+def test_flow_inversion_roundtrips_and_refinement_helps(noise_std):
+    calls = []
+    D = gaussian_flow_denoiser(0.3, 0.8, calls, noise_std)
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    steps = 10 if noise_std == 1.0 else 40  # noise scale 8 makes the ODE stiffer
+    sig = flow_schedule(steps)
+    x1 = inv.ddim_invert(D, x0, sig, kind="flow", noise_std=noise_std)
+    assert min(calls) > 0 and len(calls) == steps and max(calls) == 1.0
+    plain = (inv.ddim_sample(D, x1, sig, kind="flow") - x0).abs().max().item()
+    x1r = inv.ddim_invert(D, x0, sig, refine_iterations=8, kind="flow", noise_std=noise_std)
+    refined = (inv.ddim_sample(D, x1r, sig, kind="flow") - x0).abs().max().item()
+    assert plain > 1e-4 and refined < plain / 20, (plain, refined)
+    # at t = 1 the inverted latent is at the noise's scale (the exact flow map is
+    # x0 -> n (x0 - mu) / sqrt(s2); Euler's error on these few steps is tens of percent)
+    exact = noise_std * (x0 - 0.3) / math.sqrt(0.8)
+    assert 0.8 < x1r.std().item() / exact.std().item() < 1.5
+    # a non-linear velocity: refinement converges
+    Dn = nonlinear_flow_denoiser(3)
+    errs = [(inv.ddim_sample(Dn, inv.ddim_invert(Dn, x0, sig, n, kind="flow"), sig, kind="flow") - x0).abs().mean().item()
+            for n in (0, 2, 6)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < errs[0] / 10, errs
+    # the VE first guess on flow times (a wrong parameterisation) reconstructs worse than the flow one
+    ve = (inv.ddim_sample(D, inv.ddim_invert(D, x0, sig), sig, kind="flow") - x0).abs().max().item()
+    assert ve > plain
+
+
+def test_flow_inversion_refuses_times_outside_0_1():
+    D = gaussian_flow_denoiser(0.0, 1.0)
+    with pytest.raises(inv.InversionError, match=r"\[0, 1\]"):
+        inv.ddim_invert(D, torch.ones(1, 4, 2, 2), torch.tensor([14.6, 1.0, 0.0]), kind="flow")
+
+
+def test_flow_slerp_noise_scale_and_end_points():
+    g = torch.Generator().manual_seed(11)
+    eps = torch.randn(4, 4, 8, 8, generator=g)
+    x1 = torch.randn(4, 4, 8, 8, generator=g)  # a full inversion: t = 1, unit scale
+    assert torch.equal(inv.slerp_noise(x1, eps, 0.0, 1.0, kind="flow"), x1)
+    assert torch.equal(inv.slerp_noise(x1, eps, 1.0, 1.0, kind="flow"), eps)  # no sigma factor at t = 1
+    m = inv.slerp_noise(x1, eps, 0.5, 1.0, kind="flow")
+    assert torch.allclose(m, inv.slerp(0.5, x1, eps), atol=1e-6)  # Eq. 7 itself
+    # a partial inversion at t: fresh noise at the latent's own scale c(t)
+    t = 0.4
+    c = math.hypot(1 - t, t)
+    xt = torch.randn(4, 4, 8, 8, generator=g) * c
+    assert torch.allclose(inv.slerp_noise(xt, eps, 1.0, t, kind="flow"), eps * c, rtol=1e-6)
+    mt = inv.slerp_noise(xt, eps, 0.5, t, kind="flow")
+    assert torch.allclose(mt / c, inv.slerp(0.5, xt / c, eps), atol=1e-5)
+    assert mt.std().item() == pytest.approx(c, rel=0.1)
+    # noise scale 8 (HiDream-O1): alpha 1 at t = 1 is 8 eps, what ComfyUI starts from
+    assert torch.allclose(inv.slerp_noise(x1 * 8, eps, 1.0, 1.0, kind="flow", noise_std=8.0), eps * 8)
+    with pytest.raises(inv.InversionError, match=r"\[0, 1\]"):
+        inv.slerp_noise(x1, eps, 0.5, 14.6, kind="flow")

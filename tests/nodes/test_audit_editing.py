@@ -47,7 +47,7 @@ def unit_latent(seed, shape=(1, 4, 8, 8), std=1.0):
 def invert(model, pos, latent, steps=20, refine=0, start=0, end=10000, scheduler="ddim_uniform"):
     """DDIM Invert with its defaults (steps 20, cfg 1, ddim_uniform, all steps, no refinement)."""
     with torch.inference_mode():
-        return _res(editing().SVDiffDDIMInvert.execute(model, pos, latent, steps, 1.0, scheduler, start, end, refine))
+        return _res(editing().SVDiffDDIMInvert.execute(model, pos, latent, steps, 1.0, scheduler, start, end, refine))[:2]
 
 
 def slerp(model, latent, alpha, seed, sigmas=None):

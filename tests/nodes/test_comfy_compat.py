@@ -218,6 +218,44 @@ def test_prediction_kinds_and_ve_test_by_method_identity(compat):
         assert not compat.is_ve_eps_or_v(make(ms.X0))
 
 
+def test_is_flow_and_flow_noise_scale(compat, comfy):
+    """``is_flow``: CONST with CONST's own methods (SD3's and Flux's model sampling, and the
+    shift nodes' patches); not eps/v, not 0.33's IMG_TO_IMG_FLOW.  ``flow_noise_scale``: 0.33's
+    ``noise_scale`` (1 unless set), 1 on 0.3.75."""
+    import comfy.model_sampling as ms
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
+    from svdiff_testkit import tiny as tiny_mod
+
+    class SD3Flow(ms.ModelSamplingDiscreteFlow, ms.CONST):
+        pass
+
+    class FluxFlow(ms.ModelSamplingFlux, ms.CONST):
+        pass
+
+    class Eps(ms.ModelSamplingDiscrete, ms.EPS):
+        pass
+
+    assert compat.is_flow(SD3Flow()) and compat.is_flow(FluxFlow()) and not compat.is_flow(Eps())
+    mp, _ = tiny_mod.build(seed=0)
+    for patched in (ModelSamplingSD3().patch(mp, 3.0)[0], ModelSamplingFlux().patch(mp, 1.15, 0.5, 64, 64)[0]):
+        m = patched.get_model_object("model_sampling")
+        assert compat.is_flow(m) and compat.flow_noise_scale(m) == 1.0
+    if hasattr(ms, "IMG_TO_IMG_FLOW"):
+        class Img(ms.ModelSamplingDiscreteFlow, ms.IMG_TO_IMG_FLOW):
+            pass
+
+        assert not compat.is_flow(Img())
+    f = SD3Flow()
+    if hasattr(f, "set_noise_scale"):  # 0.33
+        f.set_noise_scale(8.0)
+        assert compat.flow_noise_scale(f) == 8.0
+        x, n = torch.zeros(1, 2), torch.ones(1, 2)
+        assert torch.equal(f.noise_scaling(torch.tensor([1.0]), n, x), n * compat.flow_noise_scale(f))
+    else:
+        print("flow_noise_scale: this ComfyUI has no CONST.noise_scale (0.33 adds it); 1.0 is checked")
+        assert not hasattr(f, "noise_scale") and compat.flow_noise_scale(f) == 1.0
+
+
 def test_lora_key_maps_apply_and_patched_weight_agree(compat, tiny):
     mp, clip = tiny
     unet_map, te_map = compat.lora_key_maps(mp, clip)

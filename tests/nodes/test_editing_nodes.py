@@ -52,7 +52,7 @@ def unit_latent(seed, shape=(1, 4, 8, 8)):
 
 def invert(model, pos, latent, steps, refine, start=0, end=10000, cfg=1.0, neg=None, scheduler="ddim_uniform"):
     with torch.inference_mode():
-        return _res(editing().SVDiffDDIMInvert.execute(model, pos, latent, steps, cfg, scheduler, start, end, refine, negative=neg))
+        return _res(editing().SVDiffDDIMInvert.execute(model, pos, latent, steps, cfg, scheduler, start, end, refine, negative=neg))[:2]
 
 
 def ksampler_back(model, pos, latent, steps, start=0, end=10000, scheduler="ddim_uniform"):
@@ -259,7 +259,9 @@ def test_cfg_inversion_uses_the_negative(tiny):
 
 
 def test_refuses_non_eps_v_models_and_accepts_v_prediction(tiny):
-    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingSD3
+    """x0 prediction is refused by all three nodes (flow matching is supported since
+    tests/nodes/test_editing_flow.py; LCM and 0.33's IMG_TO_IMG_FLOW are refused there too)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
     from comfy_extras.nodes_custom_sampler import BasicScheduler, SamplerCustom
     from svdiff_testkit.comfy_env import pack_module
 
@@ -267,19 +269,18 @@ def test_refuses_non_eps_v_models_and_accepts_v_prediction(tiny):
     mp, clip = tiny
     pos = encode(clip, "x")
     lat = unit_latent(5)
-    flow = ModelSamplingSD3().patch(mp, 3.0)[0]
     x0 = ModelSamplingDiscrete().patch(mp, "x0", False)[0]
     vpred = ModelSamplingDiscrete().patch(mp, "v_prediction", False)[0]
-    for m, kind in ((flow, "flow matching"), (x0, "x0 prediction")):
+    for m, kind in ((x0, "x0 prediction"),):
         with pytest.raises(common.SVDiffNodeError, match=r"\[DDIM Invert\] model: .*ε- or v-prediction.*" + kind):
             invert(m, pos, lat, 2, 0)
         with pytest.raises(common.SVDiffNodeError, match=r"\[Slerp Noise\] model: .*" + kind):
             slerp(m, invert(mp, pos, lat, 2, 0)[0], 0.5, 0)
     with torch.inference_mode():
-        sig = _res(BasicScheduler.execute(flow, "simple", 2, 1.0))[0]
+        sig = _res(BasicScheduler.execute(x0, "simple", 2, 1.0))[0]
         sampler = _res(editing().SVDiffDDIMSampler.execute(0.5, 0))[0]
-        with pytest.raises(common.SVDiffNodeError, match=r"\[DDIM Sampler \(η\)\] model: .*flow matching"):
-            SamplerCustom.execute(flow, True, 0, 1.0, pos, pos, sampler, sig, {"samples": torch.zeros(1, 4, 8, 8)})
+        with pytest.raises(common.SVDiffNodeError, match=r"\[DDIM Sampler \(η\)\] model: .*x0 prediction"):
+            SamplerCustom.execute(x0, True, 0, 1.0, pos, pos, sampler, sig, {"samples": torch.zeros(1, 4, 8, 8)})
     # v-prediction inverts and samples back
     vm = damped(vpred)
     inv_lat, _ = invert(vm, pos, lat, 6, 4)

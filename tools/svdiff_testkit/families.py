@@ -175,6 +175,12 @@ def model_class(name: str):
 
 def init_weights(module: torch.nn.Module, seed: int) -> None:
     model_factory.init_weights(module, seed, std=0.02, emb_std=0.3)
+    # buffers a checkpoint fills (SD3's MMDiT registers pos_embed with torch.empty): left alone
+    # they hold whatever the memory held (1e24 or NaN), so fill them too, from their own generator
+    g = torch.Generator().manual_seed(seed + 7919)
+    for name, b in sorted(module.named_buffers(), key=lambda kv: kv[0]):
+        if name.split(".")[-1] == "pos_embed" and b.is_floating_point():
+            b.copy_(torch.randn(b.shape, generator=g) * 0.3)
 
 
 def _dit_clip_target(name: str):

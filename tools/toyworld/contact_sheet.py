@@ -389,7 +389,7 @@ def make_contact_sheet(out_dir: str, checkpoint: str | None = None, quick: bool 
             latent = N.c.VAEEncode().encode(vae, src)[0]
             pos_src = N.encode(clip, cap)
             inv, sig = _res(N.Invert.execute(ed_model, pos_src, latent, r.invert_steps, 1.0, "ddim_uniform", 0, 10000,
-                                                 r.invert_refine))
+                                                 r.invert_refine))[:2]
 
             def back(lat, text):
                 pos = N.encode(clip, text)
