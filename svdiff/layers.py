@@ -49,7 +49,10 @@ class FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.weight = weight  # a reference, not save_for_backward: no copy, inference tensors allowed
-        return F.linear(x, weight, bias)
+        out = F.linear(x, weight, bias)
+        # without a bias, F.linear of a 3-D input can return a view, which autograd forbids the
+        # caller to update in place (T5 does): return a tensor of its own then
+        return out.clone() if out._base is not None else out
 
     @staticmethod
     def backward(ctx, g):

@@ -49,6 +49,11 @@ class SVDiffTrain(io.ComfyNode):
                                        "Cut-Mix training sets always use squares."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder of the same checkpoint: encodes the prompts; trained too when train_text_encoder is on."),
                 io.Boolean.Input("train_text_encoder", default=DEFAULTS.train_text_encoder, tooltip="Also train spectral shifts of the text encoder's layers (needs clip and images)."),
+                io.Boolean.Input("train_t5", optional=True, default=DEFAULTS.train_t5,
+                                 tooltip="With train_text_encoder on SD3.x/Flux: also train T5-XXL's layers. Off by default: T5-XXL's "
+                                         "4.7 G weights need about 14 GiB of U/V factors in fp16 (more than the DiT's on SD3.5), "
+                                         "and the CLIP encoders (the whole pooled vector, and SD3's first 77 tokens) already "
+                                         "learn the new word. No effect on models without T5."),
                 io.Latent.Input("latents", optional=True, tooltip="Pre-encoded training latents (list from Make/Load Training Dataset) instead of images."),
                 io.Conditioning.Input("positive", optional=True, tooltip="Conditioning for the latents route (one, or one per latent)."),
                 io.Conditioning.Input("prior_conditioning", optional=True, tooltip="Class conditioning for prior preservation when no CLIP is connected (latents route)."),

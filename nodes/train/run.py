@@ -92,15 +92,16 @@ def _unet_clone(model, s: TrainSettings, notes: list, resolutions) -> Run:
 
 
 T5_PREFIX = "t5xxl."
-T5_NOTE = ("train_text_encoder: T5-XXL is not trained (its 4.7 G weights would need ~19 GB of U/V factors in fp16 and "
-           "the token sequence it gives changes little for a new subject word); the CLIP encoders are trained")
+T5_NOTE = ("train_text_encoder: T5-XXL is not trained (train_t5 is off: its 4.7 G weights need about 14 GiB of U/V "
+           "factors in fp16); the CLIP encoders are trained")
 
 
 def _text_encoder_clone(run: Run, clip, s: TrainSettings, notes: list) -> None:
     clip_t = compat.training_clone(clip)
     cshapes = shiftable_shapes(clip_t.patcher)
-    ckeys = [k for k in cshapes if (".encoder." in k or "final_layer_norm" in k) and not k.startswith(T5_PREFIX)]
-    if any(k.startswith(T5_PREFIX) for k in cshapes):
+    ckeys = [k for k in cshapes if (".encoder." in k or "final_layer_norm" in k)
+             and (s.train_t5 or not k.startswith(T5_PREFIX))]
+    if not s.train_t5 and any(k.startswith(T5_PREFIX) for k in cshapes):
         notes.append(T5_NOTE)
     te = Trainable(clip_t.patcher, ckeys, s.rank, clip_t.patcher.load_device, s.force_route, "", clone_norm_input=True)
     clip_t.patcher.set_injections(INJECTION_KEY, [te.injection.patcher_injection()])
@@ -136,7 +137,7 @@ def build_run(model, clip, s: TrainSettings, train_te: bool, notes: list, resolu
 # ---------------------------------------------------------------------------------------
 # Resumed state
 # ---------------------------------------------------------------------------------------
-RESUME_COMPARED = ["subset", "rank", "optimizer", "seed", "batch_size", "train_text_encoder", "cutmix", "unmix_weight",
+RESUME_COMPARED = ["subset", "rank", "optimizer", "seed", "batch_size", "train_text_encoder", "train_t5", "cutmix", "unmix_weight",
                    "attention_reg_weight", "lr_schedule", "warmup_steps", "grad_accumulation"]
 
 
@@ -202,6 +203,8 @@ def recorded_settings(s: TrainSettings, run: Run, route: str, target: str, cutmi
     }
     if cutmix_meta is not None:
         out["cutmix"] = cutmix_meta
+    if run.te is not None and s.train_t5:
+        out["train_t5"] = True
     if run.capture is not None:
         out.update({"unmix_weight": s.unmix_weight, "attention_reg_weight": s.attention_reg_weight,
                     "attention_threshold": s.attention_threshold,

@@ -34,6 +34,7 @@ class TrainSettings:
     image_fit: str = "aspect buckets"
     class_prompt: str = "photo of a dog"
     train_text_encoder: bool = False
+    train_t5: bool = False
     prior_weight: float = 1.0
     num_prior_images: int = 8
     prior_steps: int = 20
@@ -76,7 +77,7 @@ class TrainSettings:
     def converted(self) -> dict:
         return dict(
             prompt=str(self.prompt or ""), class_prompt=str(self.class_prompt or ""), captions=str(self.captions or ""),
-            train_text_encoder=bool(self.train_text_encoder), gradient_checkpointing=bool(self.gradient_checkpointing),
+            train_text_encoder=bool(self.train_text_encoder), train_t5=bool(self.train_t5), gradient_checkpointing=bool(self.gradient_checkpointing),
             prior_weight=float(self.prior_weight), num_prior_images=int(self.num_prior_images),
             prior_steps=int(self.prior_steps), rank=int(self.rank), steps=int(self.steps), batch_size=int(self.batch_size),
             seed=int(self.seed), resolution=int(self.resolution), save_every=int(self.save_every or 0),

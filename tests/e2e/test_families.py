@@ -48,6 +48,11 @@ def _loaders(name: str) -> tuple:
     return g, ["ld", 0], ["te", 0], ["vae", 0]
 
 
+def _all_weights(name: str) -> str:
+    """The subset that shifts every weight of the family's diffusion model."""
+    return "UNet" if families.FAMILIES[name].loader == "checkpoint" else "DiT"
+
+
 def _train(model, clip, vae, prefix: str, **over) -> dict:
     inputs = {
         "model": model, "clip": clip, "vae": vae, "prompt": PROMPT, "train_text_encoder": True,
@@ -115,12 +120,12 @@ def _run_family(name: str) -> dict:
     g, M, C, V = _loaders(name)
     pre = f"svdiff/fam_{name.lower()}"
     g["im"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x884422}}
-    g["tr"] = _train(M, C, V, pre, images=["im", 0])
+    g["tr"] = _train(M, C, V, pre, images=["im", 0], subset=_all_weights(name))
     g["sv"] = _save(["tr", 2], pre)
     g["enc"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["im", 0], "vae": V}}
     g["pos"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": C, "text": PROMPT}}
     g["trl"] = _train(M, None, None, pre + "_lat", latents=["enc", 0], positive=["pos", 0], prior_weight=0.0,
-                      train_text_encoder=False, steps=2)
+                      train_text_encoder=False, steps=2, subset=_all_weights(name))
     del g["trl"]["inputs"]["clip"], g["trl"]["inputs"]["vae"]
     g["svl"] = _save(["trl", 2], pre + "_lat")
     base = {}
@@ -201,6 +206,8 @@ def test_family_trains_saves_loads_and_samples(fam):
     trained_te = {k.split(".", 1)[0] for k in te_keys}
     expected = {e for e in fam_spec.text_encoders if e != "t5xxl"}
     assert trained_te == expected, (trained_te, expected)  # every CLIP trained, T5 not (stated in the notes)
+    text = " ".join(r["outputs"]["tr"]["text"])
+    assert ("T5-XXL is not trained" in text) == ("t5xxl" in fam_spec.text_encoders), text
     assert any(float(d.abs().max()) > 0 for k, d in shift.deltas.items() if k in unet_keys)
     lat_shift = c["trl"][2][0]
     assert all(k.startswith("diffusion_model.") for k in lat_shift.deltas)
@@ -307,3 +314,20 @@ def test_a_shift_of_one_family_is_refused_on_another(fam, runs):
                                        strength_model=1.0, strength_clip=1.0)
     msg = str(e.value)
     assert "Load Spectral Shift" in msg and ("first" in msg) and "'" in msg, msg
+
+
+@pytest.mark.parametrize("name", ["SD3", "Flux"])
+def test_t5_trains_only_when_asked(comfy, name):
+    """T5 training is off by default (stated in the node's text); train_t5 turns it on."""
+    g, M, C, V = _loaders(name)
+    pre = f"svdiff/fam_{name.lower()}_t5"
+    g["im"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x226688}}
+    g["tr"] = _train(M, C, V, pre, images=["im", 0], subset="DiT-Attn", prior_weight=0.0, steps=1, train_t5=True)
+    g["sv"] = _save(["tr", 2], pre)
+    ex, out = run_prompt(g, "t5")
+    assert ex.success, ex.status_messages
+    shift = cached_outputs(ex, "tr")[2][0]
+    t5 = [k for k in shift.deltas if k.startswith("t5xxl.")]
+    assert t5 and any(float(shift.deltas[k].abs().max()) > 0 for k in t5)
+    assert shift.metadata["training"]["train_t5"] is True
+    assert "T5-XXL is not trained" not in " ".join(out["tr"]["text"])
