@@ -116,6 +116,9 @@ def base_weight(patcher, key: str) -> torch.Tensor:
     return weight
 
 
+_MATH_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def dense_weight(patcher, key: str) -> torch.Tensor:
     """The unpatched weight of ``key`` as ComfyUI's LoRA path computes on it: dequantised.
 
@@ -124,22 +127,24 @@ def dense_weight(patcher, key: str) -> torch.Tensor:
     (``comfy.model_patcher.get_key_weight``): 0.3.75's ``scaled_fp8_ops`` multiplies by
     ``scale_weight``; the mixed-precision ops of both versions dequantise a ``QuantizedTensor``
     (0.3.75 ``TensorCoreFP8Layout``; 0.33 also fp8 e5m2, NVFP4, MXFP8, INT8).  Plain weights of any
-    dtype (fp32/bf16/fp16/fp8), and layers whose conversion leaves the values as they are,
-    come back as stored (same tensor), so their fingerprints do not change.
+    math dtype (fp32/bf16/fp16), and layers whose conversion leaves the values as they are,
+    come back as stored (same tensor), so their fingerprints do not change; plain fp8 weights
+    (no arithmetic in fp8) come back as float32, exactly.
     """
     w = base_weight(patcher, key)
     _, _, convert = comfy.model_patcher.get_key_weight(patcher.model, key)
     quantized = is_quantized(w)
     if convert is None and not quantized:
-        return w
-    dense = w.to(torch.float32, copy=True)
-    if convert is not None:
-        dense = convert(dense, inplace=True)
-    if is_quantized(dense):
-        dense = dense.dequantize()
-    dense = dense.to(torch.float32)
-    if not quantized and torch.equal(dense, w.to(torch.float32)):
-        return w
+        return w if w.dtype in _MATH_DTYPES or not w.is_floating_point() else w.to(torch.float32)
+    with torch.no_grad():
+        dense = w.to(torch.float32, copy=True)
+        if convert is not None:
+            dense = convert(dense, inplace=True)
+        if is_quantized(dense):
+            dense = dense.dequantize()
+        dense = dense.to(torch.float32)
+        if not quantized and torch.equal(dense, w.to(torch.float32)):
+            return w
     return dense
 
 

@@ -32,8 +32,15 @@ def norm_keys(mp):
     return [k for k, s in shapes.items() if not is_spectral_shape(s) and (".norm" in k or "in_layers.0" in k or "out_layers.0" in k)]
 
 
+def fwd(mp):
+    """One UNet evaluation, loaded and patched under inference mode as ComfyUI's executor does."""
+    with torch.inference_mode():
+        return unet_forward(mp, grad_mode=torch.inference_mode)
+
+
 def apply(mp, sh, strength=1.0):
-    m2, _ = pack("nodes.shifts").apply_shift("test", mp, None, sh, strength, 1.0, "test")
+    with torch.inference_mode():  # as the executor runs Apply Spectral Shift
+        m2, _ = pack("nodes.shifts").apply_shift("test", mp, None, sh, strength, 1.0, "test")
     return m2
 
 
@@ -117,3 +124,41 @@ def test_mixed_norm_kernels_on_cpu(comfy, kind):
     ad = pack("nodes.adapter")
     for dt in (torch.bfloat16, torch.float16):
         assert ad.mixed_norm_supported(kind, "cpu", dt)
+
+
+# ---------------------------------------------------------------------------------------
+# Every weight format ComfyUI patches LoRAs onto
+# ---------------------------------------------------------------------------------------
+FORMAT_KEYS = ["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",      # quantized Linear
+               "diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight",     # quantized Linear
+               "diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_out.0.weight",  # quantized Linear
+               "diffusion_model.input_blocks.1.0.in_layers.2.weight",                          # Conv2d
+               "diffusion_model.input_blocks.1.1.transformer_blocks.0.norm1.weight"]           # LayerNorm
+
+
+@pytest.mark.parametrize("fmt", Q.ALL)
+def test_shift_patches_every_weight_format(comfy, fmt):
+    """The patched forward of the model stored in ``fmt`` matches the float32 model's patched
+    forward within that format's own error (its unpatched forward against float32's), and the
+    change the shift makes is the float32 change."""
+    reason = Q.missing(fmt)
+    if reason:
+        pytest.skip(f"{fmt}: {reason}")
+    ref, low = Q.build("fp32"), Q.build(fmt)
+    sh = shift_for(ref, FORMAT_KEYS, 0.3)
+    fmts = {k: pack("nodes.comfy_compat").weight_format(low, k) for k in FORMAT_KEYS[:1]}
+    base_ref, base_low = fwd(ref), fwd(low).float()
+    shifted = apply(low, sh)
+    out_ref, out_low = fwd(apply(ref, sh)), fwd(shifted).float()
+    # ComfyUI wrote the patched weight back in the layer's own format (0.33 requantises)
+    compat = pack("nodes.comfy_compat")
+    live, orig = shifted.get_model_object(FORMAT_KEYS[0]), compat.base_weight(shifted, FORMAT_KEYS[0])
+    assert type(live) is type(orig) and live.dtype == orig.dtype and compat.is_quantized(live) == compat.is_quantized(orig)
+    assert not torch.equal(compat.dense_weight(shifted, FORMAT_KEYS[0]).float(),
+                           (live.dequantize() if compat.is_quantized(live) else live).float())
+    fmt_err, patched_err = rel(base_low, base_ref), rel(out_low, out_ref)
+    change_err = rel(out_low - base_low, out_ref - base_ref)
+    print(f"{fmt} ({fmts}): format error {fmt_err:.4f}, patched error {patched_err:.4f}, change error {change_err:.4f}")
+    assert patched_err <= 1.5 * fmt_err + 2e-3, (fmt_err, patched_err)
+    assert change_err <= 3 * fmt_err + 0.05, (fmt_err, change_err)
+    assert torch.equal(fwd(low).float(), base_low)  # the base model is untouched

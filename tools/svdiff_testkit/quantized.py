@@ -110,6 +110,8 @@ def build(fmt: str, seed: int = 0):
     if fmt in FP8:
         mp, _ = tiny.build(seed)
         sd = {k: v.detach().clone() for k, v in mp.model.diffusion_model.state_dict().items()}
-        return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": _FP8_DTYPES[fmt]})
+        with torch.inference_mode():  # as the executor runs UNETLoader
+            return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": _FP8_DTYPES[fmt]})
     sd, meta = unet_state_dict(fmt, seed)
-    return comfy.sd.load_diffusion_model_state_dict(sd, metadata=meta)
+    with torch.inference_mode():
+        return comfy.sd.load_diffusion_model_state_dict(sd, metadata=meta)
