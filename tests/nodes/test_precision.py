@@ -162,3 +162,103 @@ def test_shift_patches_every_weight_format(comfy, fmt):
     assert patched_err <= 1.5 * fmt_err + 2e-3, (fmt_err, patched_err)
     assert change_err <= 3 * fmt_err + 0.05, (fmt_err, change_err)
     assert torch.equal(fwd(low).float(), base_low)  # the base model is untouched
+
+
+# ---------------------------------------------------------------------------------------
+# Training in bf16 / fp16
+# ---------------------------------------------------------------------------------------
+def _images(n=2, size=64):
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    return torch.cat([torch.stack([((xs - 0.3 * i) ** 2 + ys**2 < 0.3).float(), (xs + 1) / 2, torch.full_like(xs, 0.3)], -1)[None]
+                      for i in range(n)])
+
+
+def _train(ckpt, dtype, **kw):
+    from svdiff_testkit.train_args import train_inputs
+
+    a = train_inputs(ckpt, images=[_images()], filename_prefix="svdiff/test_precision", training_dtype=dtype, **kw)
+    with torch.inference_mode():
+        return pack("nodes.train").train(a)
+
+
+def _flat(shift, keys=None):
+    keys = sorted(keys or shift.deltas)
+    return torch.cat([shift.deltas[k].float().flatten() for k in keys])
+
+
+BF16_TRAIN_TOL = 0.2    # relative error of the learnt delta (all UNet weights) against the fp32 run
+BF16_1D_TOL = 0.15      # the same for a 1-D-only run at the paper's 1-D step size
+
+
+def test_bf16_training_tracks_fp32(tiny_checkpoint):
+    """Six AdamW steps on every UNet weight in bf16 learn the delta the fp32 run learns, within
+    BF16_TRAIN_TOL (relative); the losses agree to a few percent."""
+    r32 = _train(tiny_checkpoint, "fp32", steps=6, learning_rate=1e-2)
+    r16 = _train(tiny_checkpoint, "bf16", steps=6, learning_rate=1e-2)
+    d32, d16 = _flat(r32[2]), _flat(r16[2])
+    err = rel(d16, d32)
+    l32, l16 = r32[3]["loss"], r16[3]["loss"]
+    print(f"bf16 vs fp32: delta relative error {err:.4f}; losses fp32 {l32}, bf16 {l16}")
+    assert float(d32.abs().max()) > 0
+    assert err < BF16_TRAIN_TOL, err
+    assert all(abs(a - b) <= 0.05 * abs(a) for a, b in zip(l32, l16)), (l32, l16)
+
+
+def test_bf16_training_of_1d_weights_is_not_rounded_away(tiny_checkpoint):
+    """Only the 1-D (norm) weights train, with steps of about 5e-4 (the size that rounds away
+    in a bf16 scale near 1): bf16 learns the fp32 delta within BF16_1D_TOL."""
+    kw = dict(steps=4, subset="UNet-1D", learning_rate=5e-4, optimizer="AdamW")
+    d32, d16 = _flat(_train(tiny_checkpoint, "fp32", **kw)[2]), _flat(_train(tiny_checkpoint, "bf16", **kw)[2])
+    err = rel(d16, d32)
+    print(f"bf16 1-D: |delta| fp32 {float(d32.abs().mean()):.3e}, bf16 {float(d16.abs().mean()):.3e}, relative error {err:.4f}")
+    assert float(d32.abs().mean()) > 1e-4
+    assert err < BF16_1D_TOL, err
+
+
+@pytest.mark.parametrize("key", NORM_LAYERS, ids=["resblock_gn", "transformer_gn", "layernorm"])
+def test_training_norm_forward_keeps_small_1d_delta_in_bf16(comfy, key):
+    """The training forward of a norm with a trained 1-D delta of ~5e-4 in a bf16 model changes
+    its output as float32 arithmetic does (mean |delta output| within 10 %), and the gradient
+    reaches the delta."""
+    layers = pack("nodes.train.layers")
+    mod = Q.build("bf16").get_model_object(key[: -len(".weight")])
+    kind = "groupnorm" if isinstance(mod, torch.nn.GroupNorm) else "layernorm"
+    g = torch.Generator().manual_seed(3)
+    shape = (4, mod.num_channels, 32, 32) if kind == "groupnorm" else (4, 512, mod.normalized_shape[0])
+    x = torch.randn(shape, generator=g).bfloat16()
+    vdelta = torch.nn.Parameter(torch.randn(mod.weight.shape, generator=g) * 5e-4)
+    with torch.no_grad():
+        zero = layers._make_forward(mod, kind, None, torch.zeros_like(vdelta))(x).float()
+    out = layers._make_forward(mod, kind, None, vdelta)(x)
+    assert out.dtype == torch.bfloat16
+    w32, b32 = mod.weight.float(), mod.bias.float()
+    norm = (lambda w: torch.nn.functional.group_norm(x.float(), mod.num_groups, w, b32, mod.eps)) if kind == "groupnorm" \
+        else (lambda w: torch.nn.functional.layer_norm(x.float(), mod.normalized_shape, w, b32, mod.eps))
+    d_ref = norm(w32 + vdelta.detach()) - norm(w32)
+    d_got = out.detach().float() - zero
+    ratio = float(d_got.abs().mean() / d_ref.abs().mean())
+    print(f"training {kind}: mean |d out| ratio bf16/fp32 {ratio:.3f}")
+    assert abs(ratio - 1) < 0.10, ratio
+    out.float().sum().backward()
+    assert vdelta.grad is not None and float(vdelta.grad.abs().sum()) > 0
+
+
+def test_fp16_training_uses_gradient_scaling(tiny_checkpoint, monkeypatch):
+    """fp16 training runs with torch.amp gradient scaling (on the CPU too) and learns what fp32
+    learns; the scaler actually scales the backward pass."""
+    run_mod = pack("nodes.train.run")
+    made = []
+    orig = run_mod.gradient_scaler
+
+    def spy(dtype, device):
+        s = orig(dtype, device)
+        made.append(s)
+        return s
+
+    monkeypatch.setattr(run_mod, "gradient_scaler", spy)
+    r32 = _train(tiny_checkpoint, "fp32", steps=4, learning_rate=1e-2)
+    r16 = _train(tiny_checkpoint, "fp16", steps=4, learning_rate=1e-2)
+    assert made[0] is None and made[1] is not None and made[1].get_scale() > 1
+    err = rel(_flat(r16[2]), _flat(r32[2]))
+    print(f"fp16 vs fp32: delta relative error {err:.4f}, scale {made[1].get_scale():g}")
+    assert err < BF16_TRAIN_TOL, err
