@@ -308,11 +308,11 @@ class _FP32NormBias:
 
 class NormShiftsFP32:
     """Injection (``ModelPatcher.set_injections``) that keeps 1-D shifts of GroupNorm/LayerNorm
-    weights in float32 where the model computes in bf16/fp16.
+    weights in float32 where the model stores or computes them in less (bf16, fp16, fp8).
 
     ComfyUI patches a norm weight in float32 and stores it in the weight's dtype; its forward
     then casts it to the activation dtype: at the paper's 1-D learning rate, 1 + 5e-4 is 1.0 in
-    bf16.  At injection (after ComfyUI has loaded and patched the weights) each such norm gets
+    bf16 (and in fp8, which UNETLoader's fp8 weight_dtype applies to norms too).  At injection (after ComfyUI has loaded and patched the weights) each such norm gets
     cast functions that pass the float32 patched weight and bias to the norm kernel, which
     takes a bf16/fp16 input with float32 affine parameters.  Ejected on unpatch.
     """
@@ -324,8 +324,8 @@ class NormShiftsFP32:
         self.eject(patcher)
         for key in carried_shift_keys(patcher):
             module = _norm_module(patcher, key)
-            if module is None or compat.compute_dtype_of(patcher, module) == torch.float32:
-                continue
+            if module is None or (module.weight.dtype == torch.float32 and compat.compute_dtype_of(patcher, module) == torch.float32):
+                continue  # a float32 weight computed in float32 is patched exactly already
             w32 = compat.dense_weight(patcher, key).to(torch.float32, copy=True)
             w32 = compat.patched_weight(compat.key_patches(patcher, key), w32, key).to(torch.float32)
             fns = (_FP32NormWeight(_norm_kind(module), w32), _FP32NormBias(_norm_kind(module)))

@@ -65,24 +65,24 @@ def layer_output(mp, key, lowvram=False):
     got = []
     h = module.register_forward_hook(lambda m, i, o: got.append(o.detach().float().clone()))
     try:
-        if lowvram:
-            x, ctx = unet_inputs(mp, 0)
-            mp.load(torch.device("cpu"), lowvram_model_memory=1, force_patch_weights=False, full_load=False)
-            mp.inject_model()
-            try:
-                with torch.no_grad():
+        with torch.inference_mode():  # loaded and patched as under ComfyUI's executor
+            if lowvram:
+                x, ctx = unet_inputs(mp, 0)
+                mp.load(torch.device("cpu"), lowvram_model_memory=1, force_patch_weights=False, full_load=False)
+                mp.inject_model()
+                try:
                     mp.model.apply_model(x, torch.tensor([5.0]), c_crossattn=ctx)
-            finally:
-                mp.unpatch_model()
-        else:
-            unet_forward(mp)
+                finally:
+                    mp.unpatch_model()
+            else:
+                unet_forward(mp, grad_mode=torch.inference_mode)
     finally:
         h.remove()
     return got[0]
 
 
 @pytest.mark.parametrize("lowvram", [False, True], ids=["loaded", "lowvram"])
-@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp8_e4m3fn"])
 @pytest.mark.parametrize("key", NORM_LAYERS, ids=["resblock_gn", "transformer_gn", "layernorm"])
 def test_small_norm_shift_survives_reduced_precision(comfy, fmt, key, lowvram):
     """A 1-D shift at the size the paper's 1-D learning rate gives (|delta| ~ 5e-4, below half a
