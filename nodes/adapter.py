@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 import folder_paths
-from comfy.patcher_extension import CallbacksMP
+from comfy.patcher_extension import CallbacksMP, PatcherInjection
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..svdiff.decompose import Decomposition, SVDCache, fingerprint
@@ -207,23 +207,155 @@ class SpectralShiftAdapter(WeightAdapterBase):
 # Model introspection
 # --------------------------------------------------------------------------------------
 def base_weight(patcher, key: str) -> torch.Tensor:
-    """The unpatched weight of ``key`` (see ``comfy_compat.base_weight``)."""
-    return compat.base_weight(patcher, key)
+    """The unpatched weight of ``key`` as the shift is computed on it: the stored tensor for
+    plain dtypes, the dequantised float32 weight for scaled-fp8 and quantized layers (what
+    ComfyUI's LoRA path patches; see ``comfy_compat.dense_weight``)."""
+    return compat.dense_weight(patcher, key)
 
 
 def shiftable_shapes(patcher, prefix: Optional[str] = None) -> dict:
     """key -> shape for every weight a spectral shift can patch (>=2-D kernels, 1-D scales; the
-    RMS norm scales that ComfyUI 0.3.75's Flux names ``.scale`` included)."""
+    RMS norm scales that ComfyUI 0.3.75's Flux names ``.scale`` included), quantized layers
+    with their logical shape."""
     out = {}
     for k, v in patcher.model.state_dict().items():
         if prefix and not k.startswith(prefix):
             continue
         if v.ndim == 0 or not (k.endswith(".weight") or (k.endswith(".scale") and v.ndim == 1)):
             continue
+        v = compat.stored_weight(patcher.model, k, v)
         if not v.is_floating_point():
             continue
         out[k] = tuple(v.shape)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# 1-D shifts of norm layers in reduced precision
+# --------------------------------------------------------------------------------------
+NORM_FP32_KEY = "svdiff_norm_fp32"
+_MIXED_NORM: dict = {}
+
+
+def _norm_kind(module) -> Optional[str]:
+    if isinstance(module, torch.nn.GroupNorm):
+        return "groupnorm"
+    if isinstance(module, torch.nn.LayerNorm):
+        return "layernorm"
+    return None
+
+
+def mixed_norm_supported(kind: str, device, dtype: torch.dtype) -> bool:
+    """Whether the ``kind`` norm kernel on ``device`` takes a ``dtype`` input with a float32
+    weight and bias and gives what float32 arithmetic gives (probed once per device type and
+    dtype: the CPU kernels do since torch 2.1; some backends reject or misread it)."""
+    if dtype == torch.float32:
+        return True
+    device = torch.device(device)
+    key = (kind, device.type, dtype)
+    if key not in _MIXED_NORM:
+        _MIXED_NORM[key] = _probe_mixed_norm(kind, device, dtype)
+        if not _MIXED_NORM[key]:
+            log.warning("svdiff: %s on %s does not take a float32 weight with %s input; 1-D shifts of such norms "
+                        "are rounded to %s there", kind, device.type, dtype, dtype)
+    return _MIXED_NORM[key]
+
+
+def _probe_mixed_norm(kind: str, device, dtype) -> bool:
+    x32 = (torch.arange(16, dtype=torch.float32).reshape(1, 4, 2, 2) / 7.0).to(device)
+    w = torch.linspace(0.5, 1.5, 4, device=device)
+    b = torch.linspace(-0.1, 0.1, 4, device=device)
+    try:
+        with torch.no_grad():
+            if kind == "groupnorm":
+                y, ref = (torch.nn.functional.group_norm(x, 2, w, b, 1e-5) for x in (x32.to(dtype), x32))
+            else:
+                x32 = x32.reshape(4, 4)
+                y, ref = (torch.nn.functional.layer_norm(x, (4,), w, b, 1e-5) for x in (x32.to(dtype), x32))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return y.dtype == dtype and bool(torch.allclose(y.float(), ref, atol=0.05))
+
+
+class _FP32NormWeight:
+    """A cast function (``comfy_compat.add_cast_functions``) that hands a norm its patched weight
+    in float32: base + every patch on it (the 1-D shifts' w + s*delta among them), summed in
+    float32 once at injection, instead of the weight rounded to the activation dtype."""
+
+    def __init__(self, kind: str, weight32: torch.Tensor):
+        self.kind = kind
+        self.weight32 = weight32
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if not mixed_norm_supported(self.kind, weight.device, weight.dtype):
+            return weight
+        if self.weight32.device != weight.device:
+            self.weight32 = self.weight32.to(weight.device)
+        return self.weight32
+
+
+class _FP32NormBias:
+    """The bias beside an :class:`_FP32NormWeight`: the mixed kernels want both in float32."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self, bias: torch.Tensor) -> torch.Tensor:
+        if not mixed_norm_supported(self.kind, bias.device, bias.dtype):
+            return bias
+        return bias.float()
+
+
+class NormShiftsFP32:
+    """Injection (``ModelPatcher.set_injections``) that keeps 1-D shifts of GroupNorm/LayerNorm
+    weights in float32 where the model stores or computes them in less (bf16, fp16, fp8).
+
+    ComfyUI patches a norm weight in float32 and stores it in the weight's dtype; its forward
+    then casts it to the activation dtype: at the paper's 1-D learning rate, 1 + 5e-4 is 1.0 in
+    bf16 (and in fp8, which UNETLoader's fp8 weight_dtype applies to norms too).  At injection (after ComfyUI has loaded and patched the weights) each such norm gets
+    cast functions that pass the float32 patched weight and bias to the norm kernel, which
+    takes a bf16/fp16 input with float32 affine parameters.  Ejected on unpatch.
+    """
+
+    def __init__(self):
+        self.installed: list = []
+
+    def inject(self, patcher) -> None:
+        self.eject(patcher)
+        for key in carried_shift_keys(patcher):
+            module = _norm_module(patcher, key)
+            if module is None or (module.weight.dtype == torch.float32 and compat.compute_dtype_of(patcher, module) == torch.float32):
+                continue  # a float32 weight computed in float32 is patched exactly already
+            w32 = compat.dense_weight(patcher, key).to(torch.float32, copy=True)
+            w32 = compat.patched_weight(compat.key_patches(patcher, key), w32, key).to(torch.float32)
+            fns = (_FP32NormWeight(_norm_kind(module), w32), _FP32NormBias(_norm_kind(module)))
+            if compat.add_cast_functions(module, *fns):
+                self.installed.append((module, fns))
+
+    def eject(self, patcher) -> None:
+        for module, fns in self.installed:
+            compat.remove_cast_functions(module, *fns)
+        self.installed = []
+
+    def patcher_injection(self) -> PatcherInjection:
+        return PatcherInjection(inject=self.inject, eject=self.eject)
+
+
+def _norm_module(patcher, key: str):
+    """The GroupNorm/LayerNorm whose 1-D ``weight`` is ``key``, or None."""
+    if not key.endswith(".weight"):
+        return None
+    try:
+        module = patcher.get_model_object(key[: -len(".weight")])
+    except AttributeError:
+        return None
+    return module if _norm_kind(module) is not None else None
+
+
+def keep_norm_shifts_fp32(patcher) -> None:
+    """Give ``patcher`` the :class:`NormShiftsFP32` injection (once)."""
+    if not patcher.get_injections(NORM_FP32_KEY):
+        patcher.set_injections(NORM_FP32_KEY, [NormShiftsFP32().patcher_injection()])
 
 
 def architecture_of(model) -> str:
@@ -334,6 +466,8 @@ def patch_with_shift(patcher, shift: SpectralShift, strength: float, node: str, 
     added = clone.add_patches(plain, strength) + (clone.add_patches(composed, 1.0) if composed else [])
     if not compat.has_callback(clone, CallbacksMP.ON_LOAD, LOWVRAM_MERGE_KEY):
         clone.add_callback_with_key(CallbacksMP.ON_LOAD, LOWVRAM_MERGE_KEY, merge_shifted_lowvram_weights)
+    if any(not is_spectral_shape(shift.shapes[k]) for k in matched):
+        keep_norm_shifts_fp32(clone)
     if len(added) != len(patches):
         raise SVDiffNodeError(node, f"ComfyUI accepted only {len(added)} of {len(patches)} patches")
     report["composed"] = len(composed)

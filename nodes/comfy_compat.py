@@ -116,6 +116,86 @@ def base_weight(patcher, key: str) -> torch.Tensor:
     return weight
 
 
+_MATH_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def dense_weight(patcher, key: str) -> torch.Tensor:
+    """The unpatched weight of ``key`` as ComfyUI's LoRA path computes on it: dequantised.
+
+    ``patch_weight_to_device`` (both versions) copies the stored weight to float32 (0.33: to
+    ``lora_compute_dtype``, float32 on the CPU) and applies the layer's ``convert_weight``
+    (``comfy.model_patcher.get_key_weight``): 0.3.75's ``scaled_fp8_ops`` multiplies by
+    ``scale_weight``; the mixed-precision ops of both versions dequantise a ``QuantizedTensor``
+    (0.3.75 ``TensorCoreFP8Layout``; 0.33 also fp8 e5m2, NVFP4, MXFP8, INT8).  Plain weights of any
+    math dtype (fp32/bf16/fp16), and layers whose conversion leaves the values as they are,
+    come back as stored (same tensor), so their fingerprints do not change; plain fp8 weights
+    (no arithmetic in fp8) come back as float32, exactly.
+    """
+    w = base_weight(patcher, key)
+    _, _, convert = comfy.model_patcher.get_key_weight(patcher.model, key)
+    quantized = is_quantized(w)
+    if convert is None and not quantized:
+        return w if w.dtype in _MATH_DTYPES or not w.is_floating_point() else w.to(torch.float32)
+    with torch.no_grad():
+        dense = w.to(torch.float32, copy=True)
+        if convert is not None:
+            dense = convert(dense, inplace=True)
+        if is_quantized(dense):
+            dense = dense.dequantize()
+        dense = dense.to(torch.float32)
+        if not quantized and torch.equal(dense, w.to(torch.float32)):
+            return w
+    return dense
+
+
+def stored_weight(model, key: str, stored: torch.Tensor) -> torch.Tensor:
+    """The tensor that describes weight ``key`` (its logical shape and dtype) given its
+    ``state_dict`` entry: that entry, unless it is the packed storage of a quantized layer.
+
+    0.33's quantized layers write their storage into ``state_dict`` (``weight`` as uint8 /
+    int8 / fp8 data, NVFP4 packed two values a byte, beside ``weight_scale`` and
+    ``comfy_quant``); the module's parameter is then a ``QuantizedTensor`` with the logical
+    shape.  0.3.75 puts the ``QuantizedTensor`` itself into ``state_dict``.
+    """
+    if stored.is_floating_point() and not is_quantized(stored):
+        return stored
+    try:
+        return comfy.utils.get_attr(model, key)
+    except AttributeError:
+        return stored
+
+
+def is_quantized(t) -> bool:
+    """Whether ``t`` is a ``comfy.quant_ops.QuantizedTensor`` (0.3.75 ``TensorCoreFP8Layout``;
+    0.33 comfy-kitchen layouts).  False where the module or the class is missing."""
+    cls = _quantized_tensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def _quantized_tensor_class():
+    try:
+        from comfy.quant_ops import QuantizedTensor
+    except ImportError:
+        return None
+    return QuantizedTensor if isinstance(QuantizedTensor, type) and issubclass(QuantizedTensor, torch.Tensor) else None
+
+
+def weight_format(patcher, key: str) -> str:
+    """A readable name of how ``key`` is stored: the dtype (``bfloat16``, ``float8_e4m3fn``, ...),
+    ``scaled float8_e4m3fn`` (0.3.75 ``scaled_fp8_ops``: a ``scale_weight`` beside the
+    weight), or the quantized layout (``TensorCoreFP8Layout``, ``TensorCoreNVFP4Layout``, ...:
+    0.3.75 keeps its name in ``_layout_type``, 0.33 its class in ``_layout_cls``)."""
+    w = base_weight(patcher, key)
+    if is_quantized(w):
+        layout = getattr(w, "_layout_type", None) or getattr(w, "_layout_cls", None)
+        return getattr(layout, "__name__", None) or str(layout)
+    name = str(w.dtype).replace("torch.", "")
+    module = comfy.utils.get_attr(patcher.model, key.rsplit(".", 1)[0]) if "." in key else None
+    if getattr(module, "scale_weight", None) is not None:
+        return "scaled " + name
+    return name
+
+
 def key_patches(patcher, key: str) -> list:
     """The patch tuples ``(strength_patch, value, strength_model, offset, function)`` on ``key``.
 
@@ -206,24 +286,66 @@ def merge_lowvram_weight(patcher, module, key: str) -> int:
 # --------------------------------------------------------------------------------------
 # Casting layers (comfy.ops)
 # --------------------------------------------------------------------------------------
-def layer_weight_bias(mod, x: torch.Tensor):
+def layer_weight_bias(mod, x: torch.Tensor, dtype: Optional[torch.dtype] = None):
     """A layer's weight and bias as ComfyUI's own forward would use them, without a copy when
-    no cast is needed.
+    no cast is needed; ``dtype`` asks for them in that dtype instead of ``x``'s (float32 for a
+    norm whose shift must not be rounded to a bf16/fp16 activation dtype).
 
     Touches ``comfy.ops.cast_bias_weight`` and the ``comfy_cast_weights`` / ``weight_function``
     / ``bias_function`` attributes of ComfyUI's layers.  0.33 adds keyword arguments
     (``compute_dtype``, ``want_requant``) and, with ``offloadable=True``, an explicit uncast;
-    the default (``offloadable=False``) call is the same in both.
+    the default (``offloadable=False``) call, and its ``dtype`` keyword (the bias follows it),
+    are the same in both.
     """
     if getattr(mod, "comfy_cast_weights", False) or getattr(mod, "weight_function", None) or getattr(mod, "bias_function", None):
-        out = comfy.ops.cast_bias_weight(mod, x)
+        out = comfy.ops.cast_bias_weight(mod, x) if dtype is None else comfy.ops.cast_bias_weight(mod, x, dtype=dtype)
         return out[0], out[1]
+    dtype = dtype or x.dtype
     w, b = mod.weight, mod.bias
-    if w is not None and (w.dtype != x.dtype or w.device != x.device):
-        w = w.to(x.device, x.dtype)
-    if b is not None and (b.dtype != x.dtype or b.device != x.device):
-        b = b.to(x.device, x.dtype)
+    if w is not None and (w.dtype != dtype or w.device != x.device):
+        w = w.to(x.device, dtype)
+    if b is not None and (b.dtype != dtype or b.device != x.device):
+        b = b.to(x.device, dtype)
     return w, b
+
+
+def add_cast_functions(module, weight_fn=None, bias_fn=None) -> bool:
+    """Run ``weight_fn`` / ``bias_fn`` on the weight / bias a ComfyUI layer casts for its forward.
+
+    Touches the ``weight_function`` / ``bias_function`` lists of ``comfy.ops`` layers: in both
+    versions ``cast_bias_weight`` (and 0.33's dynamic-VRAM cast) applies them in order after
+    casting to the input dtype, and a layer with any of them takes its casting forward.  The
+    lists are class attributes shared by every layer until ComfyUI assigns one (``load``
+    assigns fresh lists), so they are replaced, never appended to in place.  Returns False
+    for a module that is not a ComfyUI casting layer.
+    """
+    if not (hasattr(module, "weight_function") and hasattr(module, "bias_function")):
+        return False
+    if weight_fn is not None:
+        module.weight_function = list(module.weight_function) + [weight_fn]
+    if bias_fn is not None and getattr(module, "bias", None) is not None:
+        module.bias_function = list(module.bias_function) + [bias_fn]
+    return True
+
+
+def remove_cast_functions(module, *fns) -> None:
+    """Take the functions ``fns`` (by identity) out of a layer's ``weight_function`` /
+    ``bias_function`` lists (see :func:`add_cast_functions`)."""
+    for attr in ("weight_function", "bias_function"):
+        lst = getattr(module, attr, None)
+        if lst and any(f is g for f in lst for g in fns):
+            setattr(module, attr, [f for f in lst if not any(f is g for g in fns)])
+
+
+def compute_dtype_of(patcher, module) -> torch.dtype:
+    """The dtype ``module`` of ``patcher`` computes in: ComfyUI casts weights to the input,
+    which is the model's ``manual_cast_dtype`` when it has one, else the stored dtype.
+
+    Touches ``BaseModel.manual_cast_dtype`` (both versions; a CLIP's patcher holds the text
+    encoder, which has none: its stored dtype is its compute dtype)."""
+    cast = getattr(patcher.model, "manual_cast_dtype", None)
+    w = getattr(module, "weight", None)
+    return cast or (w.dtype if w is not None else torch.float32)
 
 
 # --------------------------------------------------------------------------------------

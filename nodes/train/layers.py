@@ -21,7 +21,7 @@ from comfy.patcher_extension import PatcherInjection
 from ...svdiff import layers as L
 from ...svdiff.shift import delta_length, is_spectral_shape
 from .. import comfy_compat as compat
-from ..adapter import base_weight, svd_cache, weight_fingerprint
+from ..adapter import base_weight, mixed_norm_supported, svd_cache, weight_fingerprint
 from ..common import check_interrupt, progress
 
 
@@ -44,17 +44,21 @@ def _make_forward(mod, kind: str, layer: Optional[L.ShiftedLayer], vdelta: Optio
     def norm_forward(x, *args, **kwargs):
         if clone_input:
             x = x.clone()  # the caller may update x in place afterwards (ComfyUI's CLIP: x += attn(ln(x)))
+        # a trained 1-D shift is added to the float32 weight and the norm takes it in float32
+        # (mixed-dtype kernel, or float32 arithmetic where the device has none): in bf16 a
+        # step of 1e-6..1e-3 on a scale near 1 would round away
+        wide = vdelta is not None and x.dtype != torch.float32
         if getattr(mod, "weight", None) is None:  # no affine scale (DiT blocks' pre-modulation norms)
             w, b = None, None
         else:
-            w, b = compat.layer_weight_bias(mod, x)
+            w, b = compat.layer_weight_bias(mod, x, dtype=torch.float32 if wide else None)
         if w is not None:
             w = L.shifted_vector(w, vdelta)
         if b is not None and b.is_inference():
             b = b.clone()
-        if kind == "groupnorm":
-            return F.group_norm(x, mod.num_groups, w, b, mod.eps)
-        return F.layer_norm(x, mod.normalized_shape, w, b, mod.eps)
+        if wide and not mixed_norm_supported(kind, x.device, x.dtype):
+            return _norm(kind, mod, x.float(), w, b).to(x.dtype)
+        return _norm(kind, mod, x, w, b)
 
     return norm_forward
 
@@ -84,6 +88,9 @@ def _make_rms_forward(mod, pname: str, vdelta: Optional[torch.Tensor]):
     def rms_forward(x, *args, **kwargs):
         x = x.clone()  # the caller may update x in place afterwards (T5: x += attn(norm(x)))
         w = L.shifted_vector(getattr(mod, pname).to(device=x.device), vdelta)
+        if vdelta is not None and x.dtype != torch.float32:
+            # the trained scale in float32 arithmetic: in bf16 a small step on a scale near 1 rounds away
+            return F.rms_norm(x.float(), (x.shape[-1],), w.float(), eps).to(x.dtype)
         return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps)
 
     return rms_forward
@@ -91,6 +98,12 @@ def _make_rms_forward(mod, pname: str, vdelta: Optional[torch.Tensor]):
 
 def _weight_name(mod, kind: str) -> str:
     return _rms_param(mod) if kind == "rmsnorm" else "weight"
+
+
+def _norm(kind: str, mod, x, w, b):
+    if kind == "groupnorm":
+        return F.group_norm(x, mod.num_groups, w, b, mod.eps)
+    return F.layer_norm(x, mod.normalized_shape, w, b, mod.eps)
 
 
 def _kind(mod) -> Optional[str]:

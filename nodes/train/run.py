@@ -59,6 +59,7 @@ class Run:
     clip_t: object = None
     capture: Optional[AttentionCapture] = None
     params: "OrderedDict[str, torch.nn.Parameter]" = field(default_factory=OrderedDict)
+    dtype: torch.dtype = torch.float32  # the UNet's compute dtype while training
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def _unet_clone(model, s: TrainSettings, notes: list, resolutions) -> Run:
     if s.gradient_checkpointing:
         unet.injection.checkpoint_roots = [mp.model.diffusion_model]
     mp.set_injections(INJECTION_KEY, [unet.injection.patcher_injection()])
-    run = Run(mp, unet, mp.load_device)
+    run = Run(mp, unet, mp.load_device, dtype=tdt)
     if s.attention:
         # attn2 replacement on the training clone only (before it is loaded); nothing when both weights are 0
         prev = mp.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2")
@@ -268,6 +269,8 @@ class StepContext:
     base_lrs: list = field(default_factory=list)   # each parameter group's rate before the schedule
     total_steps: int = 0                           # the schedule's horizon: resumed + new steps
     plan_text: str = ""                            # the memory plan, shown above the live figures
+    scaler: Optional[object] = None                # torch.amp.GradScaler when training in fp16
+    skipped_steps: int = 0                         # optimizer steps the scaler skipped (fp16 overflow)
 
     @property
     def device(self):
@@ -360,12 +363,33 @@ def train_step(ctx: StepContext, source, step: int) -> float:
     for m in range(acc):
         micro = step * acc + m
         loss = micro_loss(ctx, source.batch(micro), micro, step)
-        (loss / acc if acc > 1 else loss).backward()
+        scaled = loss / acc if acc > 1 else loss
+        (ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled).backward()
         total += float(loss.detach())
     training.set_learning_rates(ctx.optimizer, ctx.base_lrs,
                                 training.lr_factor(ctx.s.lr_schedule, step, ctx.total_steps, ctx.s.warmup_steps))
-    ctx.optimizer.step()
+    if ctx.scaler is None:
+        ctx.optimizer.step()
+    else:
+        _scaled_step(ctx)
     return total / acc
+
+
+def gradient_scaler(dtype: torch.dtype, device) -> Optional[object]:
+    """``torch.amp.GradScaler`` for fp16 training (fp16 gradients of small losses underflow:
+    the loss is scaled up before backward, the fp32 delta gradients unscaled before the step,
+    a step with an overflow skipped and the scale lowered); None for fp32 and bf16."""
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+def _scaled_step(ctx: StepContext) -> None:
+    before = ctx.scaler.get_scale()
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    if ctx.scaler.get_scale() < before:
+        ctx.skipped_steps += 1
 
 
 def _run_steps(ctx: StepContext, source, writer: ShiftWriter, previewer: Previewer, start: int, steps: int, pbar, t0: float) -> None:
@@ -466,9 +490,12 @@ def train(node_inputs: dict) -> TrainResult:
                 ctx = StepContext(run, s, optimizer, ms.sigmas.detach().clone().to(run.device), target, sigma_data,
                                   run.mp.model_options.get("transformer_options", {}), loss_map, positions_of(d),
                                   single_pos, resolutions, [g["lr"] for g in optimizer.param_groups], start + s.steps,
-                                  plan_text)
+                                  plan_text, scaler=gradient_scaler(run.dtype, run.device))
                 with compat.training_mode():
                     _run_steps(ctx, source, writer, previewer, start, s.steps, pbar, t0)
+                if ctx.skipped_steps:
+                    notes.append(f"training_dtype fp16: the gradient scaler skipped {ctx.skipped_steps} of {s.steps} "
+                                 "optimizer steps on overflowing gradients (fp16 range); bf16 or fp32 skip none")
         finally:
             # ComfyUI ejects the injections and restores the weights
             compat.unload_patcher(run.mp)

@@ -146,9 +146,7 @@ def training_dtype(name: str, device, should_use_bf16) -> torch.dtype:
     if name == "bf16":
         return torch.bfloat16
     if name == "fp16":
-        if device.type == "cpu":
-            raise err("training_dtype", "fp16 training is not supported on the CPU; use fp32 or bf16")
-        return torch.float16
+        return torch.float16  # with torch.amp gradient scaling (run.gradient_scaler)
     if device.type != "cpu" and should_use_bf16(device):
         return torch.bfloat16
     return torch.float32

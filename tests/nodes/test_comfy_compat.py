@@ -379,3 +379,66 @@ def test_flux_rope_is_differentiable_in_training_mode(compat):
         out, _ = fm.apply_rope(q, q, pe)
         out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+# --------------------------------------------------------------------------------------
+# Weight formats and cast functions (precision)
+# --------------------------------------------------------------------------------------
+def _formats():
+    from svdiff_testkit import quantized
+
+    return quantized
+
+
+QKEY = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8_e4m3fn", "scaled_fp8", "float8_e4m3fn", "nvfp4", "int8_tensorwise"])
+def test_dense_weight_and_stored_weight_per_format(compat, fmt):
+    """dense_weight: the stored tensor itself for plain math dtypes (fingerprints unchanged),
+    the dequantised float32 weight (what the LoRA path patches) otherwise; stored_weight gives
+    the logical shape of packed quantized storage; weight_format names the format."""
+    Q = _formats()
+    reason = Q.missing(fmt)
+    if reason:
+        pytest.skip(f"{fmt}: {reason}")
+    mp, ref = Q.build(fmt), Q.build("fp32")
+    w = compat.base_weight(mp, QKEY)
+    dense = compat.dense_weight(mp, QKEY)
+    ref_w = compat.base_weight(ref, QKEY)
+    if fmt in ("fp32", "bf16"):
+        assert dense is w and not compat.is_quantized(w)
+    else:
+        assert dense.dtype == torch.float32 and tuple(dense.shape) == tuple(ref_w.shape)
+    err = float((dense.float() - ref_w).norm() / ref_w.norm())
+    assert err < 0.25, err  # the stored format's own rounding, not a missing scale
+    sd = mp.model.state_dict()
+    assert tuple(compat.stored_weight(mp.model, QKEY, sd[QKEY]).shape) == tuple(ref_w.shape)
+    name = compat.weight_format(mp, QKEY)
+    print(f"[compat] {fmt}: weight_format {name!r}, dequantised error {err:.4f}")
+    assert name and (compat.is_quantized(w) == ("Layout" in name))
+
+
+def test_layer_weight_bias_in_float32_and_cast_functions(compat):
+    """layer_weight_bias(dtype=float32) gives a bf16 layer's weight and bias in float32 through
+    ComfyUI's cast; cast functions run on that cast and come off again by identity, leaving
+    the class-level lists alone."""
+    Q = _formats()
+    mp = Q.build("bf16")
+    mod = mp.get_model_object("diffusion_model.input_blocks.1.0.in_layers.0")
+    x = torch.randn(1, mod.num_channels, 4, 4).bfloat16()
+    w, b = compat.layer_weight_bias(mod, x, dtype=torch.float32)
+    assert w.dtype == b.dtype == torch.float32 and torch.equal(w, mod.weight.float())
+    shared = type(mod).weight_function
+    seen = []
+    wf = lambda t: (seen.append(t.dtype), t.float() * 2)[1]  # noqa: E731
+    bf = lambda t: t.float()  # noqa: E731
+    assert compat.add_cast_functions(mod, wf, bf)
+    w2, b2 = compat.layer_weight_bias(mod, x)
+    assert seen == [torch.bfloat16] and w2.dtype == torch.float32 and torch.equal(w2, mod.weight.float() * 2)
+    assert b2.dtype == torch.float32
+    out = mod(x)  # ComfyUI's own forward takes the cast functions: a bf16 input with float32 affine parameters
+    assert out.dtype == torch.bfloat16
+    compat.remove_cast_functions(mod, wf, bf)
+    assert list(mod.weight_function) == [] and list(mod.bias_function) == [] and type(mod).weight_function is shared == []
+    assert not compat.add_cast_functions(torch.nn.GroupNorm(2, 4), wf)
+    assert compat.compute_dtype_of(mp, mod) == torch.bfloat16
+    assert compat.compute_dtype_of(Q.build("fp8_e4m3fn"), mod) == torch.float32  # manual cast: fp8 stored, fp32 compute
