@@ -25,10 +25,21 @@ def _weights_bytes(patcher) -> int:
     return M.tensor_bytes(v for v in patcher.model.state_dict().values())
 
 
-def _text_encoder_shapes(clip) -> dict:
+def _text_encoder_shapes(clip, train_t5: bool) -> dict:
     """The text-encoder weights SVDiff Train shifts (as ``run._text_encoder_clone`` picks them)."""
     shapes = shiftable_shapes(clip.patcher)
-    return {k: v for k, v in shapes.items() if ".encoder." in k or "final_layer_norm" in k}
+    return {k: v for k, v in shapes.items() if (".encoder." in k or "final_layer_norm" in k)
+            and (train_t5 or not k.startswith("t5xxl."))}
+
+
+def _profile_architecture(model) -> str:
+    """The model configuration's class name, or the nearest base class with an activation
+    profile (a subclass such as a fine-tune's own type plans like its family)."""
+    cfg = getattr(getattr(model, "model", None), "model_config", None)
+    for c in type(cfg).__mro__ if cfg is not None else ():
+        if c.__name__ in M.FAMILIES:
+            return c.__name__
+    return architecture_of(model)
 
 
 def plan_inputs(model, clip, s: TrainSettings) -> tuple:
@@ -46,8 +57,8 @@ def plan_inputs(model, clip, s: TrainSettings) -> tuple:
         model_bytes=model_bytes, all_shapes=shapes, trained_shapes=trained, rank=s.rank, optimizer=s.optimizer,
         resolution=s.resolution, samples=s.batch_size * (2 if s.prior_weight > 0 else 1),
         compute_bytes=torch.empty((), dtype=tdt).element_size(),
-        checkpointing=s.gradient_checkpointing, architecture=architecture_of(model),
-        extra_shapes=_text_encoder_shapes(clip) if train_te else {},
+        checkpointing=s.gradient_checkpointing, architecture=_profile_architecture(model),
+        extra_shapes=_text_encoder_shapes(clip, s.train_t5) if train_te else {},
     )
     return p, subsets
 

@@ -160,3 +160,17 @@ def test_cpu_run_states_the_plan_and_never_refuses(tiny_checkpoint):
     status = pack_module("nodes.train.preview").StatusText(0, 2, text)
     lines = status.text(0, 0.5, 0).split("\n")
     assert lines[0] == text and lines[1].startswith("step 1/2")
+
+
+def test_a_model_type_subclass_plans_with_its_familys_profile(comfy):
+    """The tiny SD2 (a subclass of ComfyUI's SD20) plans with SD1.5's profile, not the fallback."""
+    import comfy.model_patcher
+    from svdiff_testkit import families
+    from svdiff_testkit.comfy_env import pack_module
+
+    plan = pack_module("nodes.train.plan")
+    model, _clip = families.build("SD2")
+    mp = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    assert plan._profile_architecture(mp) == "SD20"
+    fam, _prof, note = plan.M.profile_for(plan._profile_architecture(mp))
+    assert fam == "SD15" and note == ""
