@@ -15,8 +15,9 @@ reaches into ComfyUI's internals.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -412,6 +413,95 @@ def attention_map_size(extra_options: dict) -> Optional[tuple]:
 
 
 # --------------------------------------------------------------------------------------
+# Joint attention of DiTs (MMDiT, Flux)
+# --------------------------------------------------------------------------------------
+ATTENTION_OVERRIDE = "optimized_attention_override"
+
+
+class DitBlock(NamedTuple):
+    """A joint-attention block of a DiT, keyed as ``patches_replace["dit"]`` replacements are."""
+
+    name: str          # "double_block" or "single_block" (the replacement key's first part)
+    index: int
+    text_first: bool   # the joint sequence is [text, image] (False: [image, text])
+    registers: int     # learnt tokens ahead of the text tokens (MMDiT's register_length)
+
+
+def dit_joint_blocks(diffusion_model) -> list:
+    """Every joint-attention block of a DiT as a :class:`DitBlock`; empty for other models.
+
+    Touches the block lists both versions' forwards iterate when they look up
+    ``transformer_options["patches_replace"]["dit"][(name, i)]``: Flux's ``double_blocks``
+    ("double_block", i; [txt, img], or [img, txt] for 0.3.75's ``flipped_img_txt`` blocks) and
+    ``single_blocks`` ("single_block", i; always cat(txt, img)), MMDiT's ``joint_blocks``
+    ("double_block", i; cat(context, x), where context starts with ``register_length``
+    learnt registers).
+    """
+    out = []
+    joint = getattr(diffusion_model, "joint_blocks", None)
+    if joint is not None:
+        regs = int(getattr(diffusion_model, "register_length", 0) or 0)
+        return [DitBlock("double_block", i, True, regs) for i in range(len(joint))]
+    for i, blk in enumerate(getattr(diffusion_model, "double_blocks", None) or []):
+        out.append(DitBlock("double_block", i, not bool(getattr(blk, "flipped_img_txt", False)), 0))
+    if out:
+        out += [DitBlock("single_block", i, True, 0) for i in range(len(getattr(diffusion_model, "single_blocks", None) or []))]
+    return out
+
+
+def dit_patch_size(diffusion_model) -> tuple:
+    """(ph, pw) of a DiT's patch embedding: ``patch_size`` (an int on Flux and MMDiT in both
+    versions; a tuple on MMDiT's ``PatchEmbed``)."""
+    p = getattr(diffusion_model, "patch_size", 1)
+    if isinstance(p, (tuple, list)):
+        return int(p[-2]), int(p[-1])
+    return int(p), int(p)
+
+
+def attention_override_supported() -> bool:
+    """Whether ``optimized_attention`` consults ``transformer_options["optimized_attention_override"]``
+    (``comfy.ldm.modules.attention.wrap_attn``: in 0.3.75 and 0.33.x)."""
+    return callable(getattr(comfy_attention, "wrap_attn", None))
+
+
+def with_attention_override(transformer_options: dict, override) -> dict:
+    """A shallow copy of ``transformer_options`` whose attention calls go to
+    ``override(run, q, k, v, heads, ..., **kwargs)``, where ``run(*args, **kwargs)`` computes the
+    attention as it would have been (ComfyUI's function, through an override already there).
+
+    Touches ``wrap_attn``'s protocol: it calls ``override(func, *args, **kwargs)`` with
+    ``_inside_attn_wrapper`` set in ``kwargs`` (so ``func`` does not dispatch again) and, in
+    0.33.x, with tensor containers already unwrapped for overrides without ``container_function``.
+    """
+    if not attention_override_supported():
+        raise RuntimeError("this ComfyUI has no optimized_attention_override (comfy.ldm.modules.attention.wrap_attn)")
+    prev = transformer_options.get(ATTENTION_OVERRIDE)
+
+    def chained(func, *args, **kwargs):
+        run = func if prev is None else functools.partial(prev, func)
+        return override(run, *args, **kwargs)
+
+    return {**transformer_options, ATTENTION_OVERRIDE: chained}
+
+
+def attention_qk(args: tuple, kwargs: dict) -> tuple:
+    """(q, k as [B, heads, L, d], mask or None) of an ``optimized_attention`` call.
+
+    Flux calls it as ``(q, k, v, heads, skip_reshape=True, mask=...)`` with [B, H, L, d]
+    tensors, MMDiT as ``(q, k, v, heads=...)`` with [B, L, H*d] ones (both versions).
+    """
+    q, k = args[0], args[1]
+    heads = int(args[3]) if len(args) > 3 else int(kwargs["heads"])
+    mask = args[4] if len(args) > 4 else kwargs.get("mask")
+    if not kwargs.get("skip_reshape", False):
+        b = q.shape[0]
+        d = q.shape[-1] // heads
+        q = q.reshape(b, -1, heads, d).transpose(1, 2)
+        k = k.reshape(b, -1, heads, d).transpose(1, 2)
+    return q, k, mask
+
+
+# --------------------------------------------------------------------------------------
 # Tokenizers
 # --------------------------------------------------------------------------------------
 def clip_word_tokenizer(clip, key: Optional[str] = None):
@@ -432,6 +522,27 @@ def clip_word_tokenizer(clip, key: Optional[str] = None):
     if hf is None or not hasattr(hf, "convert_ids_to_tokens"):
         return None, None
     return hf, getattr(inner, "start_token", None)
+
+
+def text_encoder_present(clip, name: str) -> bool:
+    """Whether ``clip``'s model has the text encoder ``name`` ("t5xxl", "clip_l", "clip_g").
+
+    Touches the attribute of that name on ``clip.cond_stage_model``: SD3's ``SD3ClipModel`` sets
+    it to None for an encoder that is not loaded (its output then lacks that part); Flux's
+    ``FluxClipModel`` always has ``clip_l`` and ``t5xxl``.  Same in both versions.
+    """
+    return getattr(getattr(clip, "cond_stage_model", None), name, None) is not None
+
+
+def t5_piece_tokenizer(clip):
+    """The Hugging Face (sentencepiece) tokenizer behind ``clip``'s T5 tokenizer, or None.
+
+    Touches ``clip.tokenizer.t5xxl.tokenizer`` (``SD3Tokenizer`` and ``FluxTokenizer`` in both
+    versions); its pieces start a word with "\u2581".
+    """
+    inner = getattr(getattr(clip, "tokenizer", None), "t5xxl", None)
+    hf = getattr(inner, "tokenizer", None)
+    return hf if hf is not None and hasattr(hf, "convert_ids_to_tokens") else None
 
 
 # --------------------------------------------------------------------------------------

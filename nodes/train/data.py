@@ -17,7 +17,7 @@ import comfy.utils
 from ...svdiff import buckets, losses, training
 from ...svdiff.cutmix import CutMixTrainingSet, Subject, single_prompt
 from .. import comfy_compat as compat
-from ..attention_capture import token_positions
+from ..attention_capture import token_positions, with_latent_shape
 from ..common import check_interrupt, log, progress
 from .settings import NODE, err
 
@@ -162,6 +162,7 @@ def prediction_target(patcher) -> tuple[str, float]:
 def denoise_x0(patcher, x0, noise, sigma, kwargs, transformer_options):
     ms = patcher.get_model_object("model_sampling")
     xt = ms.noise_scaling(sigma, noise, x0)
+    transformer_options = with_latent_shape(transformer_options, xt)  # a DiT attention capture's map grid
     return patcher.model.apply_model(xt, sigma, transformer_options=transformer_options, **kwargs)
 
 
@@ -246,7 +247,7 @@ class CutMixData:
     def positions(self, prompt: str, word: str) -> list:
         key = (prompt, word)
         if key not in self._pos:
-            self._pos[key] = token_positions(self.clip, prompt, word)
+            self._pos[key] = token_positions(self.clip, prompt, word, lambda: self.cond(prompt)[0].shape[1])
         return self._pos[key]
 
     def positions_or_fail(self, prompt: str, word: str, what: str) -> list:

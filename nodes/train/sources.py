@@ -202,9 +202,9 @@ def instance_data(inputs: dict, s, check_clip, notes: list) -> InstanceData:
     return d
 
 
-def _eq10_positions(clip, text: str, specials: list, class_word: str, field: str) -> tuple:
-    sp = sorted({p for w in specials for p in token_positions(clip, text, w)})
-    cp = token_positions(clip, text, class_word)
+def _eq10_positions(clip, text: str, specials: list, class_word: str, field: str, seq_len: int) -> tuple:
+    sp = sorted({p for w in specials for p in token_positions(clip, text, w, seq_len)})
+    cp = token_positions(clip, text, class_word, seq_len)
     if not sp:
         raise err(field, f"the special token(s) {specials} are not found by the CLIP tokenizer in {text!r}")
     if not cp:
@@ -227,8 +227,8 @@ def attention_positions(inputs: dict, s, d: InstanceData, notes: list):
     single_pos = None
     if s.attention_reg_weight > 0 and d.route == "images":
         specials, class_word = single_subject_words(s.prompt, s.class_prompt)
-        single_pos = [_eq10_positions(clip, p, specials, class_word, "prompt" if p == s.prompt else "captions")
-                      for p in d.prompts]
+        single_pos = [_eq10_positions(clip, p, specials, class_word, "prompt" if p == s.prompt else "captions",
+                                      int(e[0].shape[1])) for p, e in zip(d.prompts, d.entries)]
     if d.route == "cutmix" and s.attention:
         for i, subj in enumerate(ts.subjects):
             p = single_prompt(subj)

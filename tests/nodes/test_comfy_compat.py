@@ -442,3 +442,122 @@ def test_layer_weight_bias_in_float32_and_cast_functions(compat):
     assert not compat.add_cast_functions(torch.nn.GroupNorm(2, 4), wf)
     assert compat.compute_dtype_of(mp, mod) == torch.bfloat16
     assert compat.compute_dtype_of(Q.build("fp8_e4m3fn"), mod) == torch.float32  # manual cast: fp8 stored, fp32 compute
+
+
+
+
+# --------------------------------------------------------------------------------------
+# Joint attention of DiTs (the attention losses on SD3 and Flux)
+# --------------------------------------------------------------------------------------
+def _family(name: str):
+    """(ModelPatcher on the CPU, CLIP) of a tiny family in ComfyUI's own classes."""
+    import comfy.model_patcher
+    from svdiff_testkit import families
+
+    families.register(name)
+    model, clip = families.build(name)
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu")), clip
+
+
+def _dit_forward(mp, clip, hw=(8, 8)):
+    with torch.no_grad():
+        entry = clip.encode_from_tokens_scheduled(clip.tokenize("photo of a sks dog"), show_pbar=False)[0]
+        x = torch.randn(1, 16, *hw, generator=torch.Generator().manual_seed(0))
+        kw = comfy_env.pack_module("nodes.comfy_compat").model_condition_kwargs(mp, entry, x)
+        out = mp.model.apply_model(x, torch.tensor([0.5]), transformer_options=mp.model_options.get("transformer_options", {}), **kw)
+    return out, entry[0].shape[1]
+
+
+@pytest.mark.parametrize("name", ["SD3", "Flux"])
+def test_dit_joint_blocks_are_the_keys_the_dit_forwards_replace(compat, comfy, name):
+    """Each listed (block_name, i) is looked up by the forward in patches_replace["dit"], once per
+    forward, with txt/img of the text-first layout; the patch size gives the token grid."""
+    import comfy.model_management as mm
+
+    mp, clip = _family(name)
+    dm = mp.model.diffusion_model
+    blocks = compat.dit_joint_blocks(dm)
+    assert blocks and all(b.text_first for b in blocks)
+    if name == "SD3":
+        assert [(b.name, b.index) for b in blocks] == [("double_block", i) for i in range(len(dm.joint_blocks))]
+        assert all(b.registers == dm.register_length for b in blocks)
+    else:
+        assert {b.name for b in blocks} == {"double_block", "single_block"}
+        assert sum(b.name == "single_block" for b in blocks) == len(dm.single_blocks)
+    assert compat.dit_patch_size(dm) == (2, 2)
+    m2 = mp.clone()
+    calls = []
+
+    def make(key):
+        def replace(args, extra):
+            calls.append((key, tuple(args["img"].shape), None if args.get("txt") is None else tuple(args["txt"].shape)))
+            return extra["original_block"](args)
+        return replace
+
+    for b in blocks:
+        m2.set_model_patch_replace(make((b.name, b.index)), "dit", b.name, b.index)
+    mm.load_models_gpu([mp], force_full_load=True)
+    ref, n_txt = _dit_forward(mp, clip, (8, 12))
+    mm.load_models_gpu([m2], force_full_load=True)
+    out, _ = _dit_forward(m2, clip, (8, 12))
+    assert torch.equal(out, ref)
+    assert [c[0] for c in calls] == [(b.name, b.index) for b in blocks]
+    n_img = (8 // 2) * (12 // 2)
+    for key, img, txt in calls:
+        if key[0] == "single_block":
+            assert txt is None and img[1] == n_txt + n_img  # cat(txt, img)
+        else:
+            assert txt[1] == n_txt + (blocks[0].registers if name == "SD3" else 0) and img[1] == n_img
+    assert compat.dit_joint_blocks(torch.nn.Linear(2, 2)) == []
+
+
+@pytest.mark.parametrize("name", ["SD3", "Flux"])
+def test_attention_override_gets_the_joint_q_k_and_chains(compat, comfy, name):
+    """transformer_options' optimized_attention_override is called by the DiT attention with the
+    joint q and k (attention_qk gives them as [B, heads, L, d]); the output is unchanged when it
+    runs ComfyUI's function, and an override already there still runs."""
+    import comfy.model_management as mm
+
+    assert compat.attention_override_supported()
+    mp, clip = _family(name)
+    mm.load_models_gpu([mp], force_full_load=True)
+    ref, n_txt = _dit_forward(mp, clip)
+    seen, earlier = [], []
+
+    def first(func, *args, **kwargs):
+        earlier.append(1)
+        return func(*args, **kwargs)
+
+    def mine(run, *args, **kwargs):
+        q, k, mask = compat.attention_qk(args, kwargs)
+        seen.append((tuple(q.shape), tuple(k.shape), mask))
+        return run(*args, **kwargs)
+
+    m2 = mp.clone()
+    to = m2.model_options.setdefault("transformer_options", {})
+    to[compat.ATTENTION_OVERRIDE] = first
+    m2.model_options["transformer_options"] = compat.with_attention_override(to, mine)
+    assert to[compat.ATTENTION_OVERRIDE] is first, "a copy: the dict given is not changed"
+    mm.load_models_gpu([m2], force_full_load=True)
+    out, _ = _dit_forward(m2, clip)
+    assert torch.allclose(out, ref, atol=1e-6)
+    dm = mp.model.diffusion_model
+    heads = dm.joint_blocks[0].x_block.attn.num_heads if name == "SD3" else dm.double_blocks[0].num_heads
+    L = n_txt + 16 + (dm.register_length if name == "SD3" else 0)
+    assert seen and len(earlier) == len(seen)
+    assert all(q[:3] == (1, heads, L) and k[:3] == (1, heads, L) and m is None for q, k, m in seen), seen
+
+
+def test_text_encoder_presence_and_the_t5_piece_tokenizer(compat, comfy, tiny):
+    _, sd3_clip = _family("SD3")
+    _, flux_clip = _family("Flux")
+    _, sd1_clip = tiny
+    assert all(compat.text_encoder_present(sd3_clip, n) for n in ("clip_l", "clip_g", "t5xxl"))
+    assert compat.text_encoder_present(flux_clip, "t5xxl") and not compat.text_encoder_present(flux_clip, "clip_g")
+    assert not compat.text_encoder_present(sd1_clip, "t5xxl")
+    assert compat.t5_piece_tokenizer(sd1_clip) is None
+    for clip in (sd3_clip, flux_clip):
+        hf = compat.t5_piece_tokenizer(clip)
+        ids = [int(t[0]) for chunk in clip.tokenize("a sks dog")["t5xxl"] for t in chunk]
+        pieces = hf.convert_ids_to_tokens(ids)
+        assert pieces[0].startswith("\u2581") and "\u2581dog" in pieces  # word starts carry "\u2581"
