@@ -131,6 +131,15 @@ def _checkpoint_targets(root: torch.nn.Module) -> list:
     return out
 
 
+def _own_inputs(fn, *args, **kwargs):
+    """``fn`` on copies of its tensor arguments: a checkpointed block keeps its inputs for the
+    recomputation, and ComfyUI's DiT blocks update their input in place (Flux: x += gate * ...)."""
+    def own(a):
+        return a.clone() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    return fn(*(own(a) for a in args), **{k: own(v) for k, v in kwargs.items()})
+
+
 class TrainInjection:
     """Install / remove the training forwards on the shared modules (a PatcherInjection pair)."""
 
@@ -156,7 +165,7 @@ class TrainInjection:
                     # backward pass must see the values this block was called with, not the last ones
                     args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
                     kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-                    return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+                    return torch.utils.checkpoint.checkpoint(_own_inputs, _inner, *args, use_reentrant=False, **kwargs)
 
                 mod.forward = ckpt
 
