@@ -84,15 +84,16 @@ def apply_shift(b, ck, shift, col, band=0):
 
 
 def sampler_chain(b, model, clip, vae, col, prompt, seed=42, steps=50, cfg=7.5, width=512, height=512,
-                  prefix="svdiff/sample", negative=NEG, latent=None, batch=1, band=0):
-    """CLIPTextEncode x2 -> (EmptyLatentImage) -> KSampler (DDIM, eta 0) -> VAEDecode -> SaveImage."""
+                  prefix="svdiff/sample", negative=NEG, latent=None, batch=1, band=0, sampler_name="ddim",
+                  scheduler="ddim_uniform"):
+    """CLIPTextEncode x2 -> (EmptyLatentImage) -> KSampler (default: DDIM, eta 0) -> VAEDecode -> SaveImage."""
     pos = text_encoder(b, clip, prompt, "Prompt", col, band)
     neg = text_encoder(b, clip, negative, "Negative prompt", col, band)
     if latent is None:
         lat = b.node("EmptyLatentImage", col=col, band=band, width=width, height=height, batch_size=batch)
         latent = (lat, 0)
-    ks = b.node("KSampler", col=col + 1, band=band, seed=seed, steps=steps, cfg=cfg, sampler_name="ddim",
-                scheduler="ddim_uniform", denoise=1.0)
+    ks = b.node("KSampler", col=col + 1, band=band, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                scheduler=scheduler, denoise=1.0)
     wire(b, ks, model=model, positive=(pos, 0), negative=(neg, 0), latent_image=latent)
     dec, save = decode_and_save(b, (ks, 0), vae, col + 1, prefix, band)
     return ks, dec, save
@@ -300,6 +301,111 @@ def wf_editing(defs):
     return b.build()
 
 
+# the file names of the stock SDXL and Flux-dev downloads (the loaders name them as in ComfyUI's own examples)
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+FLUX_FILES = {"unet_name": "flux1-dev.safetensors", "clip_name1": "clip_l.safetensors",
+              "clip_name2": "t5xxl_fp16.safetensors", "vae_name": "ae.safetensors"}
+SDXL_SHIFT = "my_sdxl_subject_00001_.safetensors"  # what 08 saves first
+FLUX_SHIFT = "my_flux_subject_00001_.safetensors"  # what 09 saves first
+ROBOTS = ["robot_01.png", "robot_02.png", "robot_03.png"]
+USE_SAVED = ("The lower row loads the saved file and samples with it. Queue once to train: until the file exists "
+             "ComfyUI reports Load Spectral Shift's missing file and runs only the training row; then press R (the "
+             "editor reloads its file lists) and queue again: the unchanged training row comes from ComfyUI's cache "
+             "and only the sampling runs. To train another subject, change the saver's prefix and the loaded file.")
+
+
+def train_and_save(b, model, clip, vae, col, prefix, description, **widgets):
+    """SVDiff Train on the robot pictures (instance and class prompt of 01) -> Save Spectral Shift, training previews."""
+    imgs = load_images(b, ROBOTS, col=col - 2)
+    tr = b.node("SVDiffTrain", col=col, prompt="photo of a sks robot", class_prompt="photo of a robot", prior_weight=1.0,
+                train_text_encoder=True, batch_size=1, seed=0, **widgets)
+    wire(b, tr, model=model, clip=clip, vae=vae, images=imgs)
+    wire(b, b.node("SVDiffSaveShift", col=col + 1, filename_prefix=prefix, description=description), shift=(tr, 2))
+    wire(b, b.node("PreviewImage", title="Previews during training", col=col + 1), images=(tr, 5))
+    return tr
+
+
+def saved_shift(b, model, clip, shift_name, col=1, band=1):
+    """Load Spectral Shift of the file the training row saves, on the loaders' MODEL and CLIP."""
+    ld = b.node("SVDiffLoadShift", title="Load the saved shift", col=col, band=band, shift_name=shift_name,
+                strength_model=1.0, strength_clip=1.0)
+    return wire(b, ld, model=model, clip=clip)
+
+
+def wf_sdxl_single_subject(defs):
+    """08: the single-subject workflow on SDXL (1024 px, both CLIP encoders trained), then load and sample."""
+    b = WorkflowBuilder(defs)
+    b.note(
+        "SVDiff on SDXL: single-subject training (paper Sec. 3.2, Fig. 5), saved, loaded and sampled.\n\n"
+        "The SDXL base checkpoint (sd_xl_base_1.0.safetensors in models/checkpoints) gives the UNet, both text "
+        "encoders (CLIP-L and CLIP-G) and the VAE. SVDiff Train learns a spectral shift of every UNet weight "
+        "(subset UNet: 794 matrices, a shift of about 2.6 MB in fp16) and, with train_text_encoder on, of both "
+        "CLIP encoders, on 3-5 photos of the subject ('sks robot') with prior preservation on images of the class "
+        "('a robot') that SDXL generates itself, at SDXL's 1024 px. Settings: the paper's (500-1000 steps, "
+        "learning rate 1e-3 for the spectral shifts, 1e-6 for 1-D weights); gradient checkpointing on, so the "
+        "UNet's factors and 1024 px activations fit a 24 GiB card (about 15 GiB planned; README, memory table). "
+        "Save Spectral Shift writes models/svdiff/my_sdxl_subject_00001_.safetensors.\n\n" + USE_SAVED + " "
+        "Sampling: SDXL's usual settings (1024x1024, dpmpp_2m karras, 30 steps, cfg 7). A shift only fits the "
+        "model family it was trained on (an SD1.5 shift is refused here, naming the first mismatching key).",
+        col=0, height=420,
+    )
+    ck = b.node("CheckpointLoaderSimple", col=0, ckpt_name=SDXL_CKPT)
+    train_and_save(b, (ck, 0), (ck, 1), (ck, 2), col=3, prefix="my_sdxl_subject",
+                   description="toy robot, token 'sks robot' (SVDiff SDXL single-subject workflow)",
+                   steps=500, learning_rate=1e-3, learning_rate_1d=1e-6, subset="UNet", resolution=1024,
+                   gradient_checkpointing=True)
+    ls = saved_shift(b, (ck, 0), (ck, 1), SDXL_SHIFT)
+    sampler_chain(b, (ls, 0), (ls, 1), (ck, 2), col=2, prompt="a photo of sks robot on the beach, sunset", seed=42,
+                  steps=30, cfg=7.0, width=1024, height=1024, prefix="svdiff/sdxl_single_subject", band=1,
+                  sampler_name="dpmpp_2m", scheduler="karras")
+    return b.build()
+
+
+def wf_flux_single_subject(defs):
+    """09: the single-subject workflow on Flux-dev (DiT attention, CLIP-L trained, T5 frozen), then load and sample."""
+    b = WorkflowBuilder(defs)
+    b.note(
+        "SVDiff on Flux-dev: single-subject training (paper Sec. 3.2, Fig. 5), saved, loaded and sampled.\n\n"
+        "Flux comes as separate files, loaded by ComfyUI's own loaders: the diffusion transformer "
+        "(flux1-dev.safetensors in models/diffusion_models), the text encoders CLIP-L and T5-XXL "
+        "(clip_l.safetensors, t5xxl_fp16.safetensors in models/text_encoders; type flux) and the 16-channel VAE "
+        "(ae.safetensors in models/vae). SVDiff Train uses the DiT subsets (UNet subsets are refused on a DiT): "
+        "DiT-Attn shifts the attention of the double blocks (both streams) and the fused linear layers of the "
+        "single blocks, DiT would shift every weight. rank 64 shifts each matrix's 64 largest singular values "
+        "(appendix E.1). Memory, planned for 512 px (README, memory table): about 43 GiB as set (bf16 weights); "
+        "gradient checkpointing would bring it to about 25 GiB, but on Flux it fails for now (ComfyUI's Flux "
+        "blocks add in place), and fp8 weights (weight_dtype fp8_e4m3fn) cannot be decomposed yet; rank 0 "
+        "(every singular value) needs about 57 GiB. train_text_encoder trains CLIP-L, which gives Flux its pooled "
+        "vector; T5-XXL, which gives the token sequence, stays frozen (train_t5 off: its U/V factors alone are "
+        "about 14 GiB). Learning rate 5e-4, half the paper's SD value: no published setting for Flux yet, so a "
+        "cautious start (raise it if the subject does not appear after 500 steps). Prior preservation as on SD "
+        "(the class images are generated by Flux itself). Save Spectral Shift writes "
+        "models/svdiff/my_flux_subject_00001_.safetensors.\n\n" + USE_SAVED + " "
+        "Sampling as Flux-dev is meant to be used: guidance distilled into the model (FluxGuidance 3.5) with cfg 1 "
+        "in KSampler (the negative prompt is then not used), euler, simple, 20 steps, a 16-channel latent "
+        "(EmptySD3LatentImage) of 1024x1024.",
+        col=0, height=560,
+    )
+    unet = b.node("UNETLoader", col=0, unet_name=FLUX_FILES["unet_name"], weight_dtype="default")
+    te = b.node("DualCLIPLoader", col=0, clip_name1=FLUX_FILES["clip_name1"], clip_name2=FLUX_FILES["clip_name2"],
+                type="flux")
+    vae = b.node("VAELoader", col=0, vae_name=FLUX_FILES["vae_name"])
+    train_and_save(b, (unet, 0), (te, 0), (vae, 0), col=3, prefix="my_flux_subject",
+                   description="toy robot, token 'sks robot' (SVDiff Flux single-subject workflow)",
+                   train_t5=False, steps=500, learning_rate=5e-4, learning_rate_1d=1e-6, subset="DiT-Attn", rank=64,
+                   resolution=512, gradient_checkpointing=False)
+    ls = saved_shift(b, (unet, 0), (te, 0), FLUX_SHIFT)
+    pos = text_encoder(b, (ls, 1), "a photo of sks robot on the beach, sunset", "Prompt", col=2, band=1)
+    neg = text_encoder(b, (ls, 1), "", "Negative prompt (not used at cfg 1)", col=2, band=1)
+    fg = wire(b, b.node("FluxGuidance", col=2, band=1, guidance=3.5), conditioning=(pos, 0))
+    lat = b.node("EmptySD3LatentImage", col=2, band=1, width=1024, height=1024, batch_size=1)
+    ks = b.node("KSampler", col=3, band=1, seed=42, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple",
+                denoise=1.0)
+    wire(b, ks, model=(ls, 0), positive=(fg, 0), negative=(neg, 0), latent_image=(lat, 0))
+    decode_and_save(b, (ks, 0), (vae, 0), 3, "svdiff/flux_single_subject", band=1)
+    return b.build()
+
+
 WORKFLOWS = [
     ("01_single_subject.json", ["SVDiffTrain", "SVDiffSaveShift"], wf_single_subject),
     ("02_load_shift.json", ["SVDiffLoadShift"], wf_load_shift),
@@ -309,6 +415,9 @@ WORKFLOWS = [
     ("05_combine_interpolate.json", ["SVDiffCombineShifts", "SVDiffApplyShift"], wf_combine),
     ("06_style_mixing.json", ["SVDiffCombineShifts", "SVDiffApplyShift"], wf_style_mixing),
     ("07_inspect_shifts.json", ["SVDiffInspectShift"], wf_inspect),
+    ("08_sdxl_single_subject.json", ["SVDiffTrain", "SVDiffSaveShift", "SVDiffLoadShift"], wf_sdxl_single_subject),
+    ("09_flux_single_subject.json", ["SVDiffTrain", "SVDiffSaveShift", "SVDiffLoadShift", "FluxGuidance",
+                                     "EmptySD3LatentImage"], wf_flux_single_subject),
 ]
 
 

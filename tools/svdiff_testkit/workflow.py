@@ -439,6 +439,29 @@ def workflow_files(folder: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".json"))
 
 
+#: widgets of ComfyUI's stock loaders that name a model file, and the models folder each lists
+MODEL_FILE_WIDGETS = {
+    "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
+    "UNETLoader": {"unet_name": "diffusion_models"},
+    "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
+    "VAELoader": {"vae_name": "vae"},
+}
+
+
+def model_files(workflow) -> list[tuple[str, str, str]]:
+    """``[(widget, models folder, file name)]`` of every model file the workflow's stock loaders name.
+
+    Read from the widget order of the definitions the loaders have on both supported ComfyUI
+    versions (their file widgets come first)."""
+    wf = load(workflow)
+    out = []
+    for n in wf.get("nodes", []):
+        widgets = MODEL_FILE_WIDGETS.get(n.get("type"), {})
+        for (name, folder), value in zip(widgets.items(), n.get("widgets_values") or []):
+            out.append((name, folder, value))
+    return out
+
+
 def notes(workflow) -> list[str]:
     """The text of the workflow's Note/MarkdownNote nodes."""
     wf = load(workflow)
