@@ -6,8 +6,9 @@ expects) by :class:`svdiff_testkit.workflow.WorkflowBuilder`.  A workflow is wri
 when every node it uses exists in this checkout.
 
 Run: ``.venv/bin/python tools/make_workflows.py`` (rewrites the workflows it can build).
-Settings are those of the paper (Han et al., ICCV 2023) for Stable Diffusion 1.5; the demo
-(tools/demo.py) and the tests shrink steps and sizes for their tiny model.
+Settings are those of the paper (Han et al., ICCV 2023) for Stable Diffusion 1.5 (01-07); 08 and 09
+run the single-subject workflow on SDXL and Flux-dev with their stock loaders and usual sampling.
+The demo (tools/demo.py) and the tests shrink steps and sizes for their tiny models.
 """
 
 from __future__ import annotations

@@ -61,14 +61,16 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 def provide_workflow_files(base: str) -> None:
     """The files the bundled workflows name, as a user who followed the README has them: the
-    SD1.5 checkpoint name (here the demo checkpoint under that name) and the shift files
-    workflow 01 writes (random shifts for the demo checkpoint).  Frontend 1.49.6 (ComfyUI
-    0.33) marks a node whose file widget names a missing file as broken; 1.32.9 does not."""
-    ckdir = os.path.join(base, "models", "checkpoints")
-    demo = os.path.join(ckdir, demo_model.demo_checkpoint_name())
-    link = os.path.join(ckdir, demo_model.WORKFLOW_CKPT)
-    if not os.path.lexists(link):
-        os.symlink(demo, link)
+    model files their loaders name (SD1.5, SDXL, Flux-dev's diffusion model, text encoders and VAE;
+    here all the demo checkpoint under those names: the editor only lists them) and the shift
+    files workflows 01, 08 and 09 write (random shifts for the demo checkpoint).  Frontend 1.49.6
+    (ComfyUI 0.33) marks a node whose file widget names a missing file as broken; 1.32.9 does not."""
+    demo = os.path.join(base, "models", "checkpoints", demo_model.demo_checkpoint_name())
+    for _widget, folder, fname in sorted({f for p in WORKFLOWS for f in W.model_files(p)}):
+        link = os.path.join(base, "models", folder, fname)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if not os.path.lexists(link):
+            os.symlink(demo, link)
     names = sorted({v for p in WORKFLOWS for n in W.load(p)["nodes"] if n["type"] == "SVDiffLoadShift"
                     for v in n.get("widgets_values") or [] if isinstance(v, str) and v.endswith(".safetensors")})
     for i, name in enumerate(names):

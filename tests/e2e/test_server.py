@@ -87,7 +87,7 @@ def test_workflow_templates_list_and_serve_the_bundled_workflows(server):
     picture (both frontends: mediaSubtype "jpg" for a custom node's template)."""
     listing = server.get_json("/api/workflow_templates")
     names = sorted(os.path.splitext(os.path.basename(p))[0] for p in W.workflow_files(WF_DIR))
-    assert len(names) == 7 and os.path.basename(WF_DIR) == "example_workflows"
+    assert len(names) == 9 and os.path.basename(WF_DIR) == "example_workflows"
     assert sorted(listing.get("ComfyUI-SVDiff", [])) == names, listing
     for name in names:
         served = server.get_json(f"/api/workflow_templates/ComfyUI-SVDiff/{name}.json")
