@@ -373,10 +373,9 @@ def wf_flux_single_subject(defs):
         "(ae.safetensors in models/vae). SVDiff Train uses the DiT subsets (UNet subsets are refused on a DiT): "
         "DiT-Attn shifts the attention of the double blocks (both streams) and the fused linear layers of the "
         "single blocks, DiT would shift every weight. rank 64 shifts each matrix's 64 largest singular values "
-        "(appendix E.1). Memory, planned for 512 px (README, memory table): about 43 GiB as set (bf16 weights); "
-        "gradient checkpointing would bring it to about 25 GiB, but on Flux it fails for now (ComfyUI's Flux "
-        "blocks add in place), and fp8 weights (weight_dtype fp8_e4m3fn) cannot be decomposed yet; rank 0 "
-        "(every singular value) needs about 57 GiB. train_text_encoder trains CLIP-L, which gives Flux its pooled "
+        "(appendix E.1). Memory, planned for 512 px with gradient checkpointing (README, memory table): about "
+        "25 GiB with the bf16 weights (a 32 GiB card or more); fp8 weights (weight_dtype fp8_e4m3fn) cannot be "
+        "decomposed yet; rank 0 (every singular value) needs about 40 GiB. train_text_encoder trains CLIP-L, which gives Flux its pooled "
         "vector; T5-XXL, which gives the token sequence, stays frozen (train_t5 off: its U/V factors alone are "
         "about 14 GiB). Learning rate 5e-4, half the paper's SD value: no published setting for Flux yet, so a "
         "cautious start (raise it if the subject does not appear after 500 steps). Prior preservation as on SD "
@@ -394,7 +393,7 @@ def wf_flux_single_subject(defs):
     train_and_save(b, (unet, 0), (te, 0), (vae, 0), col=3, prefix="my_flux_subject",
                    description="toy robot, token 'sks robot' (SVDiff Flux single-subject workflow)",
                    train_t5=False, steps=500, learning_rate=5e-4, learning_rate_1d=1e-6, subset="DiT-Attn", rank=64,
-                   resolution=512, gradient_checkpointing=False)
+                   resolution=512, gradient_checkpointing=True)
     ls = saved_shift(b, (unet, 0), (te, 0), FLUX_SHIFT)
     pos = text_encoder(b, (ls, 1), "a photo of sks robot on the beach, sunset", "Prompt", col=2, band=1)
     neg = text_encoder(b, (ls, 1), "", "Negative prompt (not used at cfg 1)", col=2, band=1)
