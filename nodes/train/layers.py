@@ -29,12 +29,19 @@ def _geometry(mod) -> L.ConvGeometry:
     return L.ConvGeometry(tuple(mod.stride), tuple(mod.padding), tuple(mod.dilation), int(mod.groups))
 
 
+def _frozen(w, b) -> tuple:
+    """The base weight and bias out of the autograd graph: only delta trains (a base parameter that
+    still requires grad, e.g. one ComfyUI cast to fp8 outside inference mode, would otherwise
+    get a dense gradient, or fail where fp8 has no addition)."""
+    return (w.detach() if w is not None else None), (b.detach() if b is not None else None)
+
+
 def _make_forward(mod, kind: str, layer: Optional[L.ShiftedLayer], vdelta: Optional[torch.Tensor], clone_input: bool = False):
     if kind in ("linear", "conv2d"):
         geo = _geometry(mod) if kind == "conv2d" else None
 
         def forward(x, *args, **kwargs):
-            w, b = compat.layer_weight_bias(mod, x)
+            w, b = _frozen(*compat.layer_weight_bias(mod, x))
             if layer is not None:
                 return layer.forward(x, w, b)
             return L.frozen_forward(kind, x, w, b, geo)
@@ -51,7 +58,7 @@ def _make_forward(mod, kind: str, layer: Optional[L.ShiftedLayer], vdelta: Optio
         if getattr(mod, "weight", None) is None:  # no affine scale (DiT blocks' pre-modulation norms)
             w, b = None, None
         else:
-            w, b = compat.layer_weight_bias(mod, x, dtype=torch.float32 if wide else None)
+            w, b = _frozen(*compat.layer_weight_bias(mod, x, dtype=torch.float32 if wide else None))
         if w is not None:
             w = L.shifted_vector(w, vdelta)
         if b is not None and b.is_inference():
@@ -87,7 +94,10 @@ def _make_rms_forward(mod, pname: str, vdelta: Optional[torch.Tensor]):
 
     def rms_forward(x, *args, **kwargs):
         x = x.clone()  # the caller may update x in place afterwards (T5: x += attn(norm(x)))
-        w = L.shifted_vector(getattr(mod, pname).to(device=x.device), vdelta)
+        w = getattr(mod, pname).detach().to(device=x.device)
+        if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            w = w.float()  # fp8-stored scales (UNETLoader's fp8 weight_dtype): no arithmetic in fp8
+        w = L.shifted_vector(w, vdelta)
         if vdelta is not None and x.dtype != torch.float32:
             # the trained scale in float32 arithmetic: in bf16 a small step on a scale near 1 rounds away
             return F.rms_norm(x.float(), (x.shape[-1],), w.float(), eps).to(x.dtype)

@@ -368,3 +368,21 @@ def test_family_single_image_editing(fam):
     err = float((rec - x0).abs().mean())
     assert torch.isfinite(rec).all() and err < 0.25 * float((unrelated - x0).abs().mean()), (name, err)
     assert torch.isfinite(edit).all() and not torch.allclose(edit, rec)
+
+
+def test_flux_loaded_in_fp8_trains_and_samples(comfy):
+    """Flux is commonly loaded with UNETLoader's fp8 weight_dtype: training decomposes the
+    dequantised weights and the shift applies to the fp8 model."""
+    g, M, C, V = _loaders("Flux")
+    g["ld"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    pre = "svdiff/fam_flux_fp8"
+    g["im"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x446622}}
+    g["tr"] = _train(M, C, V, pre, images=["im", 0], subset="DiT-Attn", prior_weight=0.0, steps=2,
+                     train_text_encoder=False)
+    g["sv"] = _save(["tr", 2], pre)
+    _sample("Flux", g, "fp8", ["tr", 0], C, V)
+    ex, _ = run_prompt(g, "fp8")
+    assert ex.success, ex.status_messages
+    shift = cached_outputs(ex, "tr")[2][0]
+    assert any(float(d.abs().max()) > 0 for d in shift.deltas.values())
+    assert torch.isfinite(cached_outputs(ex, "ks_fp8")[0][0]["samples"]).all()
