@@ -42,9 +42,10 @@ def svd_cache() -> SVDCache:
     """The process-wide SVD cache.
 
     Memory: SVDIFF_SVD_MEMORY_MB (default 4096).  Disk: under ComfyUI's user directory
-    (``user/svdiff_cache``), SVDIFF_DISK_CACHE=0 turns it off, SVDIFF_DISK_CACHE_GB caps it
-    (default 8; U and V of the whole SD1.5 UNet take about 2.2 GB in float16).  See
-    ``nodes/settings.py``.
+    (``user/svdiff_cache``), in compact form (sigma and the small square factor: 0.89 GB for
+    the SD1.5 UNet, against 2.2 GB for float16 U and V), SVDIFF_DISK_CACHE=0 turns it off,
+    SVDIFF_DISK_CACHE_GB caps it; unset, the cap is chosen per checkpoint from the free space
+    (:func:`plan_disk_cache`).  See ``nodes/settings.py``.
     """
     global _CACHE
     with _CACHE_LOCK:
@@ -54,9 +55,18 @@ def svd_cache() -> SVDCache:
             _CACHE = SVDCache(
                 memory_limit=int(cfg.svd_memory_mb * (1 << 20)),
                 disk_dir=disk,
-                disk_limit=int(cfg.disk_cache_gb * (1 << 30)),
+                disk_limit=None if cfg.disk_cache_gb is None else int(cfg.disk_cache_gb * (1 << 30)),
             )
         return _CACHE
+
+
+def plan_disk_cache(patcher, shapes, rank: int = 0) -> None:
+    """Let the SVD cache choose its disk cap for the matrices of ``patcher`` about to be decomposed."""
+    try:
+        label = f"{architecture_of(patcher)} {type(patcher.model).__name__}"
+    except AttributeError:
+        label = "this model"
+    svd_cache().plan_disk([s for s in shapes if is_spectral_shape(s)], label=label, rank=rank)
 
 
 _FP_MEMO: dict = {}  # id(tensor) -> (weakref to it, version counter, fingerprint)
@@ -382,6 +392,7 @@ def build_adapters(patcher, shift: SpectralShift, keys, node: str, device=None):
     keys = list(keys)
     cache = svd_cache()
     device = device or compute_device()
+    plan_disk_cache(patcher, [shift.shapes[k] for k in keys], int(shift.metadata.get("rank", 0) or 0))
     pbar = progress(max(1, len(keys)))
     patches, fps = {}, {}
     for k in keys:
@@ -393,7 +404,8 @@ def build_adapters(patcher, shift: SpectralShift, keys, node: str, device=None):
         fp = weight_fingerprint(w)
         fps[k] = fp
         if is_spectral_shape(shape):
-            dec = cache.get(w, device=device, fp=fp)
+            # a rank-r shift (appendix E.1) needs only the top r triplets: a truncated decomposition
+            dec = cache.get(w, device=device, fp=fp, rank=int(shift.deltas[k].shape[0]))
             patches[k] = SpectralShiftAdapter.build(shift.deltas[k], dec, shape)
         else:
             patches[k] = SpectralShiftAdapter.build(shift.deltas[k], None, shape)
@@ -521,7 +533,10 @@ def compose_with_carried_shifts(clone, patches: dict, strength: float) -> tuple:
             continue
         compat.remove_key_patches(clone, k, lambda p: isinstance(p[1], SpectralShiftAdapter))
         delta = weighted_delta_sum([p[1].delta for p in prev] + [ad.delta], [p[0] for p in prev] + [strength])
-        composed[k] = SpectralShiftAdapter.build(delta, ad.decomposition, ad.shape)
+        # rank-limited shifts carry truncated decompositions: the longest one covers the summed delta
+        decs = [a.decomposition for a in [p[1] for p in prev] + [ad] if a.decomposition is not None]
+        dec = max(decs, key=lambda d: d.rank, default=ad.decomposition)
+        composed[k] = SpectralShiftAdapter.build(delta, dec, ad.shape)
     return plain, composed, blocked
 
 

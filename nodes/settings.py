@@ -4,7 +4,7 @@
 |---|---|---|
 | SVDIFF_SVD_MEMORY_MB | 4096 | memory budget of the SVD cache (U, V of decomposed base weights) |
 | SVDIFF_DISK_CACHE | on | keep decompositions on disk under ComfyUI's ``user/svdiff_cache`` |
-| SVDIFF_DISK_CACHE_GB | 8 | size cap of that disk cache |
+| SVDIFF_DISK_CACHE_GB | auto | size cap of that disk cache (unset: chosen per checkpoint from the free space, logged) |
 | SVDIFF_RESIDUAL_CACHE_MB | 2048 | budget of the low-VRAM per-forward residual cache |
 | SVDIFF_LOWVRAM_MERGE | on | patch shifted low-VRAM weights once at load (off: ComfyUI's per-forward path) |
 
@@ -49,11 +49,22 @@ def parse_float(name: str, raw: Optional[str], default: float) -> float:
         return default
 
 
+def parse_optional_float(name: str, raw: Optional[str]) -> Optional[float]:
+    """A number, or None when unset (or unreadable, which is logged)."""
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        log.warning("svdiff: %s=%r is not a number; choosing it automatically", name, raw)
+        return None
+
+
 @dataclass(frozen=True)
 class PackSettings:
     svd_memory_mb: float = 4096.0
     disk_cache: bool = True
-    disk_cache_gb: float = 8.0
+    disk_cache_gb: Optional[float] = None  # None: chosen per checkpoint from the free space
     residual_cache_mb: float = 2048.0
     lowvram_merge: bool = True
 
@@ -63,7 +74,7 @@ class PackSettings:
         return cls(
             svd_memory_mb=parse_float("SVDIFF_SVD_MEMORY_MB", env.get("SVDIFF_SVD_MEMORY_MB"), d.svd_memory_mb),
             disk_cache=parse_bool("SVDIFF_DISK_CACHE", env.get("SVDIFF_DISK_CACHE"), d.disk_cache),
-            disk_cache_gb=parse_float("SVDIFF_DISK_CACHE_GB", env.get("SVDIFF_DISK_CACHE_GB"), d.disk_cache_gb),
+            disk_cache_gb=parse_optional_float("SVDIFF_DISK_CACHE_GB", env.get("SVDIFF_DISK_CACHE_GB")),
             residual_cache_mb=parse_float("SVDIFF_RESIDUAL_CACHE_MB", env.get("SVDIFF_RESIDUAL_CACHE_MB"), d.residual_cache_mb),
             lowvram_merge=parse_bool("SVDIFF_LOWVRAM_MERGE", env.get("SVDIFF_LOWVRAM_MERGE"), d.lowvram_merge),
         )

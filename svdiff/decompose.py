@@ -7,29 +7,51 @@ one-time computation and can be cached": :class:`SVDCache` keeps decompositions 
 memory (bounded, least recently used out first) and optionally on disk, keyed by a
 fingerprint of the weight's bytes.
 
-Two algorithms give the same factors:
+Algorithms (all give W = U diag(sigma) V^T; write A for W or W^T, whichever is tall, p x k):
 
 * ``"svd"``: ``torch.linalg.svd`` in float32 (the reference);
-* ``"gram"``: eigendecomposition of the Gram matrix of the smaller side in float64
-  (W^T W = V diag(sigma^2) V^T), then U = W V diag(1/sigma), completed by a QR where
-  sigma is numerically zero.  For the wide and tall matrices of a UNet it is 2-3x faster
-  on a CPU than ``torch.linalg.svd`` and at least as accurate; see
-  ``bench/bench_decompose.py``.
+* ``"gram64"``: eigendecomposition of the float64 Gram matrix A^T A = V diag(sigma^2) V^T,
+  then U = A V diag(1/sigma), completed by a QR where sigma is numerically zero;
+* ``"gram"`` (the default): the same in float32, with sigma_i = ||A v_i|| (one-sided, so
+  every column of U has unit norm), checked per matrix -- the smallest sigma must be at least
+  ``GRAM32_MIN_RATIO`` of the largest and a random probe of U^T U - I must stay below
+  ``GRAM32_ORTH_TOL`` -- and redone in float64 (``"gram64"``) where the condition number needs it.
+
+A rank-r request (appendix E.1: only the top r singular values are shifted) uses
+:func:`truncated_factors`: subspace iteration on A^T A with oversampling and a Rayleigh-Ritz
+step per iteration, stopped when every top-r triplet has a residual ||A^T u - sigma v|| below
+``TRUNCATED_TOL`` sigma_1 (the triplets are then exact for a weight within that relative
+distance), or done as a full decomposition when it does not converge within a cost budget.
+
+The disk cache stores only what cannot be cheaply recomputed (:func:`compact_parts`): sigma
+and the small square factor (k x k, float32), plus the few columns of the tall factor whose
+sigma is too small to recompute it accurately; the tall factor U = A V diag(1/sigma) is
+recomputed from the weight on load (:func:`expand_compact`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+log = logging.getLogger("svdiff")
+
 STORAGE_DTYPE = torch.float16  # U and V^T are stored in half precision (see residual form)
+GRAM64_NULL_RATIO = 1e-6  # float64 Gram: sigma below this * sigma_1 counts as a null direction
+GRAM32_MIN_RATIO = 1e-3  # float32 Gram: smallest sigma / largest sigma it is trusted for
+GRAM32_ORTH_TOL = 2e-5  # float32 Gram: ||(U^T U - I) x|| / ||x|| on random probes
+RECOMPUTE_MIN_RATIO = 1e-3  # compact cache: columns of U with sigma below this * sigma_1 are stored
+TRUNCATED_TOL = 1e-3  # truncated route: residual of every top-r triplet / sigma_1
+ROUTE_COUNTS: Counter = Counter()  # how many matrices each route decomposed (bench/diagnostics)
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -50,12 +72,19 @@ def num_singular_values(shape) -> int:
     return min(int(shape[0]), n)
 
 
+def effective_rank(shape, rank: int = 0) -> int:
+    """The number of triplets a rank-``rank`` request keeps: 0 (all) when rank is 0 or >= min(m, n)."""
+    k = num_singular_values(shape)
+    return int(rank) if rank and 0 < int(rank) < k else 0
+
+
 @dataclass
 class Decomposition:
     """W = U diag(S) Vh for the reshaped matrix of one weight.
 
-    U: (m, k), S: (k,) float32 descending, Vh: (k, n), with k = min(m, n).
-    U and Vh are usually stored in float16; S always in float32.
+    U: (m, j), S: (j,) float32 descending, Vh: (j, n), with j = min(m, n), or j = r for a
+    truncated (rank-r, appendix E.1) decomposition.  U and Vh are usually stored in float16;
+    S always in float32.
     """
 
     U: torch.Tensor
@@ -78,6 +107,12 @@ class Decomposition:
             self.shape,
         )
 
+    def truncate(self, r: int) -> "Decomposition":
+        """The top ``r`` triplets (views of these factors)."""
+        if r <= 0 or r >= self.rank:
+            return self
+        return Decomposition(self.U[:, :r], self.S[:r], self.Vh[:r], self.shape)
+
     def reconstruct(self) -> torch.Tensor:
         """U diag(S) Vh in float32, reshaped to the weight's shape."""
         U = self.U.float()
@@ -85,27 +120,56 @@ class Decomposition:
         return ((U * self.S.float()) @ Vh).reshape(self.shape)
 
 
-def _svd_reference(m: torch.Tensor):
-    U, S, Vh = torch.linalg.svd(m.float(), full_matrices=False)
-    return U, S, Vh
+@dataclass
+class TallFactors:
+    """A = Ua diag(S) Va^T for the tall form A of a weight matrix (A = W, or W^T when W is wide)."""
+
+    Ua: torch.Tensor  # (p, j)
+    S: torch.Tensor  # (j,) descending
+    Va: torch.Tensor  # (k, j): the small square factor (k = min(m, n)), or its first j columns
+    transpose: bool  # True when A = W^T
+
+    def decomposition(self, shape: tuple, storage_dtype: torch.dtype = STORAGE_DTYPE) -> Decomposition:
+        """W = U diag(S) Vh on the CPU: (U, Vh) = (Ua, Va^T), or (Va, Ua^T) when A = W^T."""
+        U, Vh = (self.Va, self.Ua.t()) if self.transpose else (self.Ua, self.Va.t())
+        return Decomposition(
+            U.to("cpu", storage_dtype).contiguous(),
+            self.S.to("cpu", torch.float32).contiguous(),
+            Vh.to("cpu", storage_dtype).contiguous(),
+            tuple(shape),
+        )
 
 
-def _svd_gram(m: torch.Tensor):
-    """SVD through the float64 Gram matrix of the smaller side.
-
-    For a wide matrix (m < n) decompose W^T instead, so the Gram matrix is always k x k
-    with k = min(m, n): W^T W = V diag(sigma^2) V^T (``eigh``), sigma_i = sqrt(lambda_i),
-    and U = W V diag(1/sigma) -- one matrix product instead of a QR.  Columns whose sigma is
-    numerically zero (rank-deficient weights) have no defined direction; they are completed
-    to an orthonormal basis by a QR, so U is always orthonormal.
-    """
+def tall(m: torch.Tensor) -> tuple:
+    """(A, transposed): the matrix itself when m >= n, else its transpose."""
     transpose = m.shape[0] < m.shape[1]
-    a = (m.t() if transpose else m).double()  # tall: (p, k) with p >= k
+    return (m.t() if transpose else m), transpose
+
+
+def _sorted_one_sided(a: torch.Tensor, V: torch.Tensor) -> tuple:
+    """(U, sigma, V) with sigma_i = ||A v_i||, U = A V diag(1/sigma), sorted by sigma descending."""
+    B = a @ V
+    S = torch.linalg.vector_norm(B, dim=0)
+    order = torch.argsort(S, descending=True)
+    S, B, V = S[order], B[:, order], V[:, order]
+    return B / S, S, V
+
+
+def _gram64(a: torch.Tensor) -> tuple:
+    """Eigendecomposition of the float64 Gram matrix A^T A (A tall, p x k, p >= k).
+
+    A^T A = V diag(sigma^2) V^T (``eigh``), sigma_i = sqrt(lambda_i), U = A V diag(1/sigma).
+    Columns whose sigma is numerically zero (rank-deficient weights) have no defined direction;
+    they are completed to an orthonormal basis by a QR, so U is always orthonormal.  "Zero" is
+    below GRAM64_NULL_RATIO sigma_1: under it A v / sigma is dominated by the rounding of the
+    eigenvectors (errors ~ eps64 (sigma_1/sigma)^2), so such sigma are set to 0.
+    """
+    a = a.double()
     evals, evecs = torch.linalg.eigh(a.t() @ a)
     S = evals.flip(0).clamp_min(0).sqrt()
     V = evecs.flip(1)
     k = S.shape[0]
-    tol = S[0] * max(a.shape) * 1e-12 if k else 0.0
+    tol = S[0] * GRAM64_NULL_RATIO if k else 0.0
     good = int((S > tol).sum()) if k else 0
     U = torch.empty(a.shape[0], k, dtype=torch.float64, device=a.device)
     U[:, :good] = (a @ V[:, :good]) / S[:good]
@@ -114,26 +178,103 @@ def _svd_gram(m: torch.Tensor):
         q, _ = torch.linalg.qr(torch.cat([U[:, :good], fill], dim=1))
         U[:, good:] = q[:, good:]
         S[good:] = 0.0
-    if transpose:
-        # W = a^T = V diag(S) U^T
-        return V.float(), S.float(), U.t().float()
-    return U.float(), S.float(), V.t().float()
+    return U, S, V
 
 
-ALGORITHMS: dict[str, Callable] = {"svd": _svd_reference, "gram": _svd_gram}
+def _orthogonality_probe(U: torch.Tensor, n: int = 4) -> float:
+    """||(U^T U - I) X|| / ||X|| for a few fixed random X: an O(p k) check of U's orthonormality."""
+    X = torch.randn(U.shape[1], n, generator=torch.Generator().manual_seed(1)).to(U.device, U.dtype)
+    return float(torch.linalg.norm(U.t() @ (U @ X) - X) / torch.linalg.norm(X))
 
 
-def decompose(
-    weight: torch.Tensor,
-    algorithm: str = "gram",
-    device: Optional[torch.device] = None,
-    storage_dtype: torch.dtype = STORAGE_DTYPE,
-) -> Decomposition:
-    """Decompose one weight (Sec. 3.2, W = U Sigma V^T); the factors come back on the CPU.
+def gram32_or_none(a: torch.Tensor) -> Optional[tuple]:
+    """The float32 Gram route on tall A, or None where float32 is not accurate enough.
 
-    ``device``: where to compute (e.g. ComfyUI's compute device); float64 falls back to
-    float32 SVD on devices without float64 support.
+    None when sigma_min < GRAM32_MIN_RATIO sigma_1 (float32 eigenvalues of A^T A cannot resolve
+    such directions) or when U's orthonormality probe exceeds GRAM32_ORTH_TOL.
     """
+    a = a.float()
+    if a.shape[1] == 0:
+        return None
+    _, V = torch.linalg.eigh(a.t() @ a)
+    U, S, V = _sorted_one_sided(a, V)
+    if not bool(torch.isfinite(S).all()) or float(S[-1]) < GRAM32_MIN_RATIO * float(S[0]):
+        return None
+    if _orthogonality_probe(U) > GRAM32_ORTH_TOL:
+        return None
+    return U, S, V
+
+
+def _gram(a: torch.Tensor) -> tuple:
+    f = gram32_or_none(a)
+    if f is not None:
+        ROUTE_COUNTS["gram32"] += 1
+        return f
+    if a.device.type == "mps":  # no float64 there
+        ROUTE_COUNTS["svd"] += 1
+        return _svd_reference(a)
+    ROUTE_COUNTS["gram64"] += 1
+    return _gram64(a)
+
+
+def _gram64_route(a: torch.Tensor) -> tuple:
+    if a.device.type == "mps":
+        return _svd_reference(a)
+    return _gram64(a)
+
+
+def _svd_reference(a: torch.Tensor) -> tuple:
+    U, S, Vh = torch.linalg.svd(a.float(), full_matrices=False)
+    return U, S, Vh.t()
+
+
+ALGORITHMS: dict[str, Callable] = {"svd": _svd_reference, "gram": _gram, "gram64": _gram64_route}
+
+
+def truncated_factors(a: torch.Tensor, r: int, oversample: Optional[int] = None, tol: float = TRUNCATED_TOL,
+                      max_iter: Optional[int] = None) -> Optional[tuple]:
+    """The top ``r`` singular triplets of tall A (p x k) by subspace iteration, or None.
+
+    A block of b = r + oversample orthonormal vectors Z is iterated as Z <- orth(A^T A Z) in
+    float32; each iteration ends with a Rayleigh-Ritz step (``eigh`` of the b x b matrix
+    Z^T A^T A Z), which gives Ritz triplets (sigma_i, u_i = A v_i / sigma_i, v_i) and their
+    residuals ||A^T u_i - sigma_i v_i|| at the cost of a few k x b products.  It stops when
+    every top-r residual is below ``tol`` sigma_1 (Halko, Martinsson & Tropp 2011, Alg. 4.4
+    with Rayleigh-Ritz; the triplets are then exact for a matrix within tol of A, relatively).
+    None when that does not happen within ``max_iter`` iterations (default: the budget of about
+    half a full decomposition, k // (2 b)) or when A has fewer than r non-zero singular values.
+    """
+    a = a.float()
+    k = a.shape[1]
+    b = min(k, r + (oversample if oversample is not None else max(16, r // 2)))
+    max_iter = max(1, k // (2 * b)) if max_iter is None else max_iter
+    g = torch.Generator().manual_seed(0)
+    Z, _ = torch.linalg.qr(torch.randn(k, b, generator=g).to(a.device))
+    Y = a @ Z
+    for _ in range(max_iter):
+        X = a.t() @ Y  # A^T A Z
+        H = Z.t() @ X
+        evals, E = torch.linalg.eigh((H + H.t()) / 2)
+        E, S = E.flip(1), evals.flip(0).clamp_min(0).sqrt()
+        Er, Sr = E[:, :r], S[:r]
+        if float(Sr[-1]) <= 0.0:
+            return None
+        res = torch.linalg.vector_norm((X @ Er) / Sr - (Z @ Er) * Sr, dim=0).max()
+        if float(res) <= tol * float(S[0]):
+            return _sorted_one_sided(a, Z @ Er)
+        Z, _ = torch.linalg.qr(X @ E)
+        Y = a @ Z
+    return None
+
+
+def use_truncated(k: int, r: int) -> bool:
+    """Whether the truncated route can pay off: at least 3 iterations fit its budget (k >= 6 b)."""
+    return 0 < r < k and k // (2 * min(k, r + max(16, r // 2))) >= 3
+
+
+def factors(weight: torch.Tensor, algorithm: str = "gram", device: Optional[torch.device] = None,
+            rank: int = 0) -> TallFactors:
+    """The tall factors of one weight (Sec. 3.2), computed on ``device``; top ``rank`` only if > 0."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown decomposition algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
     mat = as_matrix(weight.detach())
@@ -141,16 +282,81 @@ def decompose(
         mat = mat.to(device)
     if not torch.isfinite(mat).all():
         raise ValueError("weight has NaN or Inf entries; it cannot be decomposed")
-    fn = ALGORITHMS[algorithm]
-    if algorithm == "gram" and mat.device.type == "mps":  # no float64 there
-        fn = _svd_reference
-    U, S, Vh = fn(mat)
-    return Decomposition(
-        U.to("cpu", storage_dtype).contiguous(),
-        S.to("cpu", torch.float32).contiguous(),
-        Vh.to("cpu", storage_dtype).contiguous(),
-        tuple(weight.shape),
-    )
+    a, transpose = tall(mat)
+    r = effective_rank(weight.shape, rank)
+    f = None
+    if r and algorithm == "gram" and use_truncated(a.shape[1], r):
+        f = truncated_factors(a, r)
+        ROUTE_COUNTS["truncated" if f is not None else "truncated->full"] += 1
+    if f is None:
+        U, S, V = ALGORITHMS[algorithm](a)
+        f = (U[:, :r], S[:r], V[:, :r]) if r else (U, S, V)
+    return TallFactors(f[0], f[1], f[2], transpose)
+
+
+def decompose(
+    weight: torch.Tensor,
+    algorithm: str = "gram",
+    device: Optional[torch.device] = None,
+    storage_dtype: torch.dtype = STORAGE_DTYPE,
+    rank: int = 0,
+) -> Decomposition:
+    """Decompose one weight (Sec. 3.2, W = U Sigma V^T); the factors come back on the CPU.
+
+    ``device``: where to compute (e.g. ComfyUI's compute device); float64 falls back to
+    float32 SVD on devices without float64 support.  ``rank`` > 0: only the top ``rank``
+    triplets (appendix E.1), without a full decomposition where that is cheaper.
+    """
+    return factors(weight, algorithm, device, rank).decomposition(tuple(weight.shape), storage_dtype)
+
+
+# -- compact form (what the disk cache stores) ---------------------------------------------
+def compact_parts(f: TallFactors) -> dict:
+    """sigma, the small square factor Va (float32), and the columns of Ua that A Va / sigma cannot give.
+
+    Columns with sigma_i < RECOMPUTE_MIN_RATIO sigma_1 (and null directions) are kept in float16
+    as ``U_tail``; the rest of Ua is recomputed on load (:func:`expand_compact`).
+    """
+    S = f.S.float()
+    j = int(S.shape[0])
+    t = int((S >= S[0] * RECOMPUTE_MIN_RATIO).sum()) if j and float(S[0]) > 0 else 0
+    out = {"S": S.cpu().contiguous(), "V": f.Va.float().cpu().contiguous()}
+    if t < j:
+        out["U_tail"] = f.Ua[:, t:].to("cpu", STORAGE_DTYPE).contiguous()
+    return out
+
+
+def compact_nbytes(shape, rank: int = 0) -> int:
+    """Bytes of the compact form of a weight of this shape (without any U_tail)."""
+    k = num_singular_values(shape)
+    j = effective_rank(shape, rank) or k
+    return 4 * k * j + 4 * j
+
+
+def expand_compact(parts: dict, weight: torch.Tensor, device=None, storage_dtype: torch.dtype = STORAGE_DTYPE,
+                   j: Optional[int] = None) -> Decomposition:
+    """The :class:`Decomposition` of ``weight`` from its compact parts: Ua = A Va diag(1/sigma).
+
+    ``j``: keep only the first j triplets (a rank request served from a full entry).
+    Raises ValueError when the parts do not fit the weight.
+    """
+    a, transpose = tall(as_matrix(weight.detach()))
+    p, k = a.shape
+    S, V, tail = parts["S"], parts["V"], parts.get("U_tail")
+    n = int(S.shape[0])
+    t = n - (int(tail.shape[1]) if tail is not None else 0)
+    if S.ndim != 1 or tuple(V.shape) != (k, n) or (tail is not None and tuple(tail.shape) != (p, n - t)) or t < 0:
+        raise ValueError("cached factors have the wrong shape")
+    j = n if j is None else min(j, n)
+    a = a.to(device).float() if device is not None else a.float()
+    S = S[:j].to(a.device, torch.float32)
+    V = V[:, :j].to(a.device, torch.float32)
+    Ua = torch.empty(p, j, dtype=torch.float32, device=a.device)
+    tj = min(t, j)
+    Ua[:, :tj] = (a @ V[:, :tj]) / S[:tj]
+    if tj < j:
+        Ua[:, tj:] = tail[:, : j - tj].to(a.device, torch.float32)
+    return TallFactors(Ua, S, V, transpose).decomposition(tuple(weight.shape), storage_dtype)
 
 
 def fingerprint(weight: torch.Tensor) -> str:
@@ -166,41 +372,87 @@ def fingerprint(weight: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+# -- disk cap -------------------------------------------------------------------------------
+DEFAULT_DISK_LIMIT = 8 << 30  # until a checkpoint's plan chooses one
+AUTO_DISK_MIN = 1 << 30
+
+
+def choose_disk_cap(need: int, free: int, used: int, user_cap: Optional[int] = None) -> tuple:
+    """(cap in bytes, reason) for the SVD disk cache of a checkpoint whose compact factors take ``need``.
+
+    ``free``: free bytes on the cache's filesystem; ``used``: bytes the cache already holds (it may
+    grow into them again).  A user cap (SVDIFF_DISK_CACHE_GB) is kept, but never beyond the space
+    there is.  Otherwise: room for this checkpoint and about three more of its size (at least
+    1 GiB), never more than half of the space the cache could take (free + used).
+    """
+    avail = max(0, int(free) + int(used))
+    if user_cap is not None:
+        return min(int(user_cap), avail), "set by SVDIFF_DISK_CACHE_GB"
+    cap = min(max(4 * int(need), AUTO_DISK_MIN), avail // 2)
+    reason = "4x this checkpoint's factors" if cap == 4 * int(need) else (
+        "the 1 GiB minimum" if cap == AUTO_DISK_MIN else "half of the free space")
+    return cap, reason
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _free_bytes(folder: str) -> int:
+    p = os.path.abspath(folder)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        return int(shutil.disk_usage(p).free)
+    except OSError:
+        return 0
+
+
 class SVDCache:
-    """Decompositions keyed by weight fingerprint: memory LRU + optional disk store.
+    """Decompositions keyed by weight fingerprint (and rank): memory LRU + optional disk store.
 
     memory_limit: bytes of U, S, Vh kept in memory (least recently used out first).
-    disk_dir: a folder for ``<fingerprint>.safetensors`` files (None: no disk cache);
-    disk_limit: bytes on disk; the least recently used files go first.
+    disk_dir: a folder for ``<fingerprint>[-r<rank>].safetensors`` files in compact form (None:
+    no disk cache); disk_limit: bytes on disk, least recently used files out first; None lets
+    :meth:`plan_disk` choose it per checkpoint from the free space (8 GiB until then).
     """
 
     def __init__(
         self,
         memory_limit: int = 4 << 30,
         disk_dir: Optional[str] = None,
-        disk_limit: int = 8 << 30,
+        disk_limit: Optional[int] = DEFAULT_DISK_LIMIT,
         algorithm: str = "gram",
     ):
         self.memory_limit = int(memory_limit)
         self.disk_dir = disk_dir
-        self.disk_limit = int(disk_limit)
+        self.user_disk_limit = None if disk_limit is None else int(disk_limit)
+        self.disk_limit = DEFAULT_DISK_LIMIT if disk_limit is None else int(disk_limit)
         self.algorithm = algorithm
         self._mem: "OrderedDict[str, Decomposition]" = OrderedDict()
         self._mem_bytes = 0
         self._lock = threading.RLock()
+        self._plans: dict = {}
         self.stats = {"memory_hits": 0, "disk_hits": 0, "computed": 0}
 
     # -- memory -------------------------------------------------------------
-    def _remember(self, fp: str, dec: Decomposition) -> None:
+    def _remember(self, key: str, dec: Decomposition) -> None:
         with self._lock:
-            if fp in self._mem:
-                self._mem.move_to_end(fp)
+            if key in self._mem:
+                self._mem.move_to_end(key)
                 return
-            self._mem[fp] = dec
+            self._mem[key] = dec
             self._mem_bytes += dec.nbytes()
             while self._mem_bytes > self.memory_limit and len(self._mem) > 1:
                 _, old = self._mem.popitem(last=False)
                 self._mem_bytes -= old.nbytes()
+
+    def _recall(self, key: str) -> Optional[Decomposition]:
+        with self._lock:
+            dec = self._mem.get(key)
+            if dec is not None:
+                self._mem.move_to_end(key)
+            return dec
 
     @property
     def memory_bytes(self) -> int:
@@ -215,23 +467,28 @@ class SVDCache:
             self._mem_bytes = 0
 
     # -- disk -----------------------------------------------------------------
-    def _disk_path(self, fp: str) -> Optional[str]:
+    def _disk_path(self, key: str) -> Optional[str]:
         if not self.disk_dir:
             return None
-        return os.path.join(self.disk_dir, fp[:2], fp + ".safetensors")
+        return os.path.join(self.disk_dir, key[:2], key + ".safetensors")
 
-    def _load_disk(self, fp: str, shape: tuple) -> Optional[Decomposition]:
-        path = self._disk_path(fp)
+    def _load_disk(self, key: str, weight: torch.Tensor, device=None, j: Optional[int] = None) -> Optional[Decomposition]:
+        """The entry ``key`` expanded for ``weight`` (first ``j`` triplets), or None; damaged files are removed."""
+        path = self._disk_path(key)
         if path is None or not os.path.isfile(path):
             return None
         try:
             from safetensors.torch import load_file
 
             d = load_file(path)
-            dec = Decomposition(d["U"], d["S"], d["Vh"], tuple(shape))
-            k = num_singular_values(shape)
-            if dec.U.shape != (shape[0], k) or dec.S.shape != (k,) or dec.Vh.shape[0] != k:
-                raise ValueError("cached factors have the wrong shape")
+            if "V" in d:
+                dec = expand_compact(d, weight, device=device, j=j)
+            else:  # the full float16 U, Vh files of earlier versions
+                dec = Decomposition(d["U"], d["S"], d["Vh"], tuple(weight.shape))
+                k = num_singular_values(weight.shape)
+                if dec.U.shape != (weight.shape[0], k) or dec.S.shape != (k,) or dec.Vh.shape[0] != k:
+                    raise ValueError("cached factors have the wrong shape")
+                dec = dec.truncate(j or k)
             os.utime(path)  # least-recently-used bookkeeping
             return dec
         except Exception:
@@ -241,9 +498,9 @@ class SVDCache:
                 pass
             return None
 
-    def _store_disk(self, fp: str, dec: Decomposition) -> None:
-        path = self._disk_path(fp)
-        if path is None:
+    def _store_disk(self, key: str, parts: dict) -> None:
+        path = self._disk_path(key)
+        if path is None or self.disk_limit <= 0:
             return
         from safetensors.torch import save_file
 
@@ -251,15 +508,15 @@ class SVDCache:
 
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            atomic_write_via(path, lambda tmp: save_file({"U": dec.U, "S": dec.S, "Vh": dec.Vh}, tmp), overwrite=True)
+            atomic_write_via(path, lambda tmp: save_file(parts, tmp, metadata={"format": "svdiff-svd-compact-1"}), overwrite=True)
         except OSError:
             return  # a full or read-only disk only costs a recomputation next time
         self._trim_disk()
 
-    def _trim_disk(self) -> None:
-        if not self.disk_dir or not os.path.isdir(self.disk_dir):
-            return
+    def _disk_entries(self) -> list:
         entries = []
+        if not self.disk_dir or not os.path.isdir(self.disk_dir):
+            return entries
         for root, _, files in os.walk(self.disk_dir):
             for f in files:
                 if f.endswith(".safetensors"):
@@ -269,6 +526,10 @@ class SVDCache:
                     except OSError:
                         continue
                     entries.append((st.st_mtime, st.st_size, p))
+        return entries
+
+    def _trim_disk(self) -> None:
+        entries = self._disk_entries()
         total = sum(e[1] for e in entries)
         for _, size, p in sorted(entries):
             if total <= self.disk_limit:
@@ -280,30 +541,60 @@ class SVDCache:
                 pass
 
     def disk_bytes(self) -> int:
-        if not self.disk_dir or not os.path.isdir(self.disk_dir):
-            return 0
-        return sum(
-            os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(self.disk_dir) for f in fs if f.endswith(".safetensors")
-        )
+        return sum(e[1] for e in self._disk_entries())
+
+    def plan_disk(self, shapes, label: str = "this checkpoint", rank: int = 0) -> Optional[int]:
+        """Choose the disk cap for a checkpoint whose matrices have ``shapes``; one log line per new choice.
+
+        Returns the cap in bytes (None without a disk cache).  See :func:`choose_disk_cap`.
+        """
+        if not self.disk_dir:
+            return None
+        shapes = [tuple(s) for s in shapes if len(tuple(s)) >= 2]
+        need = sum(compact_nbytes(s, rank) for s in shapes)
+        used = self.disk_bytes()
+        free = _free_bytes(self.disk_dir)
+        cap, reason = choose_disk_cap(need, free, used, self.user_disk_limit)
+        with self._lock:
+            self.disk_limit = cap
+            memo = (label, need)
+            if memo not in self._plans:
+                self._plans[memo] = True
+                fits = "" if need <= cap else "; it does not all fit: the least recently used factors are recomputed when needed"
+                log.info("svdiff: SVD disk cache cap %s for %s (%s): its %d matrices need %s in compact form, "
+                         "%s free on %s, %s cached%s", _size(cap), label, reason, len(shapes), _size(need),
+                         _size(free), self.disk_dir, _size(used), fits)
+        if used > cap:
+            self._trim_disk()
+        return cap
 
     # -- the entry point --------------------------------------------------------
-    def get(self, weight: torch.Tensor, device: Optional[torch.device] = None, fp: Optional[str] = None) -> Decomposition:
-        """The decomposition of ``weight`` (an unpatched base weight), from cache when possible."""
+    def get(self, weight: torch.Tensor, device: Optional[torch.device] = None, fp: Optional[str] = None,
+            rank: int = 0) -> Decomposition:
+        """The decomposition of ``weight`` (an unpatched base weight), from cache when possible.
+
+        ``rank`` > 0 (and below min(m, n)): only the top ``rank`` triplets, cached under their
+        own key; a full entry in memory or on disk serves such a request too.
+        """
         fp = fp or fingerprint(weight)
-        with self._lock:
-            dec = self._mem.get(fp)
+        r = effective_rank(weight.shape, rank)
+        key = f"{fp}-r{r}" if r else fp
+        for k_, trunc in ((key, 0), (fp, r)) if r else ((key, 0),):
+            dec = self._recall(k_)
             if dec is not None:
-                self._mem.move_to_end(fp)
                 self.stats["memory_hits"] += 1
-                return dec
-        dec = self._load_disk(fp, tuple(weight.shape))
+                return dec.truncate(trunc)
+        dec = self._load_disk(key, weight, device)
+        if dec is None and r:
+            dec = self._load_disk(fp, weight, device, j=r)
         if dec is not None:
             self.stats["disk_hits"] += 1
         else:
-            dec = decompose(weight, self.algorithm, device=device)
+            f = factors(weight, self.algorithm, device=device, rank=r)
+            dec = f.decomposition(tuple(weight.shape))
             self.stats["computed"] += 1
-            self._store_disk(fp, dec)
-        self._remember(fp, dec)
+            self._store_disk(key, compact_parts(f))
+        self._remember(key, dec)
         return dec
 
 

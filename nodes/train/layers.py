@@ -21,7 +21,7 @@ from comfy.patcher_extension import PatcherInjection
 from ...svdiff import layers as L
 from ...svdiff.shift import delta_length, is_spectral_shape
 from .. import comfy_compat as compat
-from ..adapter import base_weight, mixed_norm_supported, svd_cache, weight_fingerprint
+from ..adapter import base_weight, mixed_norm_supported, plan_disk_cache, svd_cache, weight_fingerprint
 from ..common import check_interrupt, progress
 
 
@@ -207,6 +207,8 @@ class Trainable:
         modules = dict(patcher.model.named_modules())
         wanted = set(keys)
         cache = svd_cache()
+        plan_disk_cache(patcher, [tuple(m.weight.shape) for n, m in modules.items()
+                                  if f"{n}.weight" in wanted and getattr(m, "weight", None) is not None], rank)
         pbar = progress(max(1, len(keys)))
         forwards = []
         for name, mod in modules.items():
@@ -233,7 +235,8 @@ class Trainable:
                 self.shapes[key] = shape
                 self.fps[key] = weight_fingerprint(w)
                 if is_spectral_shape(shape):
-                    dec = cache.get(w, device=mm.get_torch_device(), fp=self.fps[key])
+                    # rank r > 0 (appendix E.1): the top r triplets only, by the truncated route
+                    dec = cache.get(w, device=mm.get_torch_device(), fp=self.fps[key], rank=rank)
                     r = delta_length(shape, rank)
                     delta = torch.nn.Parameter(torch.zeros(r, dtype=torch.float32, device=device))
                     layer = L.ShiftedLayer(
