@@ -40,3 +40,19 @@ def sd15_patcher(seed: int = 0, dtype=None):
         model = cfg.get_model({})
         init_weights(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def machine_line(label: str = "") -> str:
+    """One line on what else ran on this (shared) machine: load average and the busiest other processes."""
+    import subprocess
+
+    load = os.getloadavg()
+    try:
+        ps = subprocess.run(["ps", "-eo", "pid=,pcpu=,comm=", "--sort=-pcpu"], capture_output=True, text=True, timeout=10).stdout
+        me = os.getpid()
+        busy = [ln.split(None, 2) for ln in ps.splitlines() if ln.strip()]
+        busy = [f"{c} {p}%" for pid, p, c in busy if int(pid) != me and float(p) >= 5.0][:4]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        busy = []
+    return (f"machine {label}: shared, {os.cpu_count()} cores, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} "
+            f"(1/5/15 min); other busy processes: {', '.join(busy) or 'none above 5% CPU'}")

@@ -94,3 +94,32 @@ def test_lowvram_mode_merges_once_and_matches_full_load(tiny, monkeypatch):
     assert torch.equal(_lowvram_out(mp), base_full)
     mm.unload_all_models()
     assert torch.equal(unet_forward(mp), base_full)
+
+
+def test_rank_limited_shift_is_patched_from_rank_r_factors_and_composes_with_a_full_one(tiny):
+    from svdiff.arithmetic import rank_limit
+    from svdiff.decompose import decompose
+    from svdiff.shift import spectral_residual
+    from svdiff_testkit.comfy_env import pack_module
+
+    mp, clip = tiny
+    ad = pack_module("nodes.adapter")
+    shifts = pack_module("nodes.shifts")
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    full = random_shift(mp, 0.5, seed=3)
+    r4 = rank_limit(full, 4)
+    m_r, _ = shifts.apply_shift("test", mp, None, r4, 1.0, 1.0, "r4")
+    adapter = ad.carried_shift_patches(m_r, key)[0][1]
+    assert adapter.decomposition.rank == 4  # the top 4 triplets only (appendix E.1), cached under their rank
+    w = ad.base_weight(mp, key)
+    ref = decompose(w, "gram64", storage_dtype=torch.float32)
+    got = adapter.residual(1.0, torch.device("cpu"), torch.float32)
+    want = spectral_residual(ref, r4.deltas[key])
+    assert float((got - want).norm() / want.norm()) < 2e-3  # float16 factors
+    # on a model that carries a full shift, it composes as Eq. 4 with the longer (full) decomposition
+    m_full, _ = shifts.apply_shift("test", mp, None, full, 1.0, 1.0, "full")
+    m_both, _ = shifts.apply_shift("test", m_full, None, r4, 1.0, 1.0, "r4")
+    composed = ad.carried_shift_patches(m_both, key)
+    assert len(composed) == 1 and composed[0][1].decomposition.rank == ref.rank
+    assert composed[0][1].delta.shape[0] == ref.rank
+    assert torch.isfinite(unet_forward(m_both)).all()
