@@ -257,40 +257,88 @@ def _svd_reference(a: torch.Tensor) -> tuple:
 ALGORITHMS: dict[str, Callable] = {"svd": _svd_reference, "gram": _gram, "gram64": _gram64_route}
 
 
+def _ritz_step(X: torch.Tensor, Z: torch.Tensor, r: int) -> tuple:
+    """Rayleigh-Ritz on span(Z) from X = A^T A Z: (E, sigma, Ritz vectors of the top r, their residual / sigma_1).
+
+    The residual of triplet i is ||A^T u_i - sigma_i v_i|| with u_i = A v_i / sigma_i, i.e.
+    ||X e_i / sigma_i - sigma_i Z e_i||; it is inf when A has fewer than r non-zero values.
+    """
+    H = Z.t() @ X
+    evals, E = torch.linalg.eigh((H + H.t()) / 2)
+    E, S = E.flip(1), evals.flip(0).clamp_min(0).sqrt()
+    Er, Sr = E[:, :r], S[:r]
+    if float(Sr[-1]) <= 0.0:
+        return E, S, Z @ Er, float("inf")
+    res = float(torch.linalg.vector_norm((X @ Er) / Sr - (Z @ Er) * Sr, dim=0).max()) / float(S[0])
+    return E, S, Z @ Er, res
+
+
 def truncated_factors(a: torch.Tensor, r: int, oversample: Optional[int] = None, tol: float = TRUNCATED_TOL,
                       max_iter: Optional[int] = None) -> Optional[tuple]:
-    """The top ``r`` singular triplets of tall A (p x k) by subspace iteration, or None.
+    """The top ``r`` singular triplets (U, sigma, V) of tall A (p x k) by subspace iteration, or None.
 
     A block of b = r + oversample orthonormal vectors Z is iterated as Z <- orth(A^T A Z) in
-    float32; each iteration ends with a Rayleigh-Ritz step (``eigh`` of the b x b matrix
-    Z^T A^T A Z), which gives Ritz triplets (sigma_i, u_i = A v_i / sigma_i, v_i) and their
-    residuals ||A^T u_i - sigma_i v_i|| at the cost of a few k x b products.  It stops when
-    every top-r residual is below ``tol`` sigma_1 (Halko, Martinsson & Tropp 2011, Alg. 4.4
-    with Rayleigh-Ritz; the triplets are then exact for a matrix within tol of A, relatively).
-    None when that does not happen within ``max_iter`` iterations (default: the budget of about
-    half a full decomposition, k // (2 b)) or when A has fewer than r non-zero singular values.
+    float32, each iteration ending with a Rayleigh-Ritz step (:func:`_ritz_step`); it stops when
+    every top-r residual ||A^T u - sigma v|| is below ``tol`` sigma_1 (Halko, Martinsson & Tropp
+    2011, Alg. 4.4 with Rayleigh-Ritz: the triplets are then exact for a matrix within about tol
+    of A, relatively).  Phase 1 multiplies by A and A^T (2 p k b per iteration).  When its
+    residuals fall too slowly to converge within ``max_iter`` (default: about half the cost of a
+    full decomposition, k // (2 b)), phase 2 forms the Gram matrix A^T A once (p k^2) and goes on
+    with k x b products, up to about the cost of the full route's eigendecomposition.  None when
+    that does not converge either (or A has fewer than r non-zero singular values).
     """
     a = a.float()
     k = a.shape[1]
     b = min(k, r + (oversample if oversample is not None else max(16, r // 2)))
     max_iter = max(1, k // (2 * b)) if max_iter is None else max_iter
-    g = torch.Generator().manual_seed(0)
-    Z, _ = torch.linalg.qr(torch.randn(k, b, generator=g).to(a.device))
-    Y = a @ Z
-    for _ in range(max_iter):
-        X = a.t() @ Y  # A^T A Z
-        H = Z.t() @ X
-        evals, E = torch.linalg.eigh((H + H.t()) / 2)
-        E, S = E.flip(1), evals.flip(0).clamp_min(0).sqrt()
-        Er, Sr = E[:, :r], S[:r]
-        if float(Sr[-1]) <= 0.0:
+    Z, _ = torch.linalg.qr(torch.randn(k, b, generator=torch.Generator().manual_seed(0)).to(a.device))
+    history: list = []
+    for it in range(max_iter):
+        X = a.t() @ (a @ Z)
+        E, S, V, res = _ritz_step(X, Z, r)
+        if res <= tol:
+            return _sorted_one_sided(a, V)
+        if res == float("inf"):
             return None
-        res = torch.linalg.vector_norm((X @ Er) / Sr - (Z @ Er) * Sr, dim=0).max()
-        if float(res) <= tol * float(S[0]):
-            return _sorted_one_sided(a, Z @ Er)
+        history.append(res)
         Z, _ = torch.linalg.qr(X @ E)
-        Y = a @ Z
+        if not _may_converge(history, tol, max_iter - it - 1):
+            break
+    return _truncated_gram_phase(a, Z, r, tol, max(8, (9 * k) // (2 * b)))
+
+
+def _truncated_gram_phase(a: torch.Tensor, Z: torch.Tensor, r: int, tol: float, max_iter: int) -> Optional[tuple]:
+    """Phase 2 of :func:`truncated_factors`: the same iteration on the formed Gram matrix G = A^T A."""
+    G = a.t() @ a
+    history: list = []
+    for it in range(max_iter):
+        X = G @ Z
+        E, S, V, res = _ritz_step(X, Z, r)
+        if res <= tol:
+            ROUTE_COUNTS["truncated(gram phase)"] += 1
+            return _sorted_one_sided(a, V)
+        if res == float("inf"):
+            return None
+        history.append(res)
+        if not _may_converge(history, tol, max_iter - it - 1):
+            return None
+        Z, _ = torch.linalg.qr(X @ E)
     return None
+
+
+def _may_converge(history: list, tol: float, left: int) -> bool:
+    """Whether the residuals so far, shrinking geometrically at their last rate, reach ``tol`` in ``left`` iterations.
+
+    Subspace iteration's residuals fall by about (sigma_{b+1} / sigma_r)^2 per iteration; a flat
+    spectrum (random weights: the top r nearly degenerate) shows it after two iterations, and
+    the caller's full decomposition then starts at once instead of after the whole budget.
+    """
+    if len(history) < 2:
+        return True
+    rate = history[-1] / history[-2]
+    if rate >= 1.0:
+        return False
+    return history[-1] * rate**left <= tol
 
 
 def use_truncated(k: int, r: int) -> bool:

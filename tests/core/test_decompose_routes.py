@@ -106,7 +106,7 @@ def test_truncated_top_r_matches_full_decomposition():
 def test_truncated_route_that_does_not_converge_gives_the_full_answer():
     w = rand(400, 240)  # a flat (random) spectrum: the top 8 are nearly degenerate
     a, _ = D.tall(w)
-    assert D.truncated_factors(a, 8, max_iter=1) is None
+    assert D.truncated_factors(a, 8, max_iter=1, tol=1e-9) is None  # below float32's reach
     D.ROUTE_COUNTS.clear()
     dec = D.decompose(w, rank=8, storage_dtype=torch.float32)
     full = D.decompose(w, storage_dtype=torch.float32)
@@ -230,3 +230,20 @@ def test_plan_disk_logs_one_line_per_checkpoint_and_trims(tmp_path, caplog, monk
     assert cap == (3 * one + 4 * one) // 2
     assert cache.disk_bytes() <= cache.disk_limit <= cap  # trimmed at once
     assert D.SVDCache(disk_dir=None).plan_disk(shapes) is None
+
+
+def test_truncated_route_gives_up_early_when_its_residuals_cannot_reach_the_tolerance():
+    assert D._may_converge([0.5], 1e-3, 10)  # one residual says nothing yet
+    assert D._may_converge([0.1, 0.01], 1e-3, 1)  # falling 10x per iteration: one more does it
+    assert not D._may_converge([0.1, 0.09], 1e-3, 5)  # 0.9 per iteration: 5 more reach only 0.05
+    assert not D._may_converge([0.1, 0.12], 1e-3, 50)  # not falling at all
+    calls = []
+    orig = D._may_converge
+    D._may_converge = lambda h, tol, left: calls.append(len(h)) or orig(h, tol, left)
+    try:
+        a, _ = D.tall(rand(400, 240))  # flat spectrum
+        # (sigma_11/sigma_8)^2 ~ 1 and a tolerance float32 cannot reach: both phases stall
+        assert D.truncated_factors(a, 8, oversample=2, max_iter=50, tol=1e-9) is None
+    finally:
+        D._may_converge = orig
+    assert len(calls) < 40  # gave up long before the 50 + 108 iterations of the two phases' budgets
