@@ -60,13 +60,17 @@ def svd_cache() -> SVDCache:
         return _CACHE
 
 
-def plan_disk_cache(patcher, shapes, rank: int = 0) -> None:
-    """Let the SVD cache choose its disk cap for the matrices of ``patcher`` about to be decomposed."""
+def plan_disk_cache(patcher, rank: int = 0) -> None:
+    """Let the SVD cache choose its disk cap for the checkpoint behind ``patcher`` (all its matrices).
+
+    The same checkpoint gives the same plan, so its log line appears once however many shifts load.
+    """
     try:
-        label = f"{architecture_of(patcher)} {type(patcher.model).__name__}"
+        label = f"{architecture_of(patcher)} ({type(patcher.model).__name__})"
     except AttributeError:
         label = "this model"
-    svd_cache().plan_disk([s for s in shapes if is_spectral_shape(s)], label=label, rank=rank)
+    shapes = [s for s in shiftable_shapes(patcher).values() if is_spectral_shape(s)]
+    svd_cache().plan_disk(shapes, label=label, rank=rank)
 
 
 _FP_MEMO: dict = {}  # id(tensor) -> (weakref to it, version counter, fingerprint)
@@ -392,7 +396,7 @@ def build_adapters(patcher, shift: SpectralShift, keys, node: str, device=None):
     keys = list(keys)
     cache = svd_cache()
     device = device or compute_device()
-    plan_disk_cache(patcher, [shift.shapes[k] for k in keys], int(shift.metadata.get("rank", 0) or 0))
+    plan_disk_cache(patcher)
     pbar = progress(max(1, len(keys)))
     patches, fps = {}, {}
     for k in keys:

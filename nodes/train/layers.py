@@ -207,8 +207,7 @@ class Trainable:
         modules = dict(patcher.model.named_modules())
         wanted = set(keys)
         cache = svd_cache()
-        plan_disk_cache(patcher, [tuple(m.weight.shape) for n, m in modules.items()
-                                  if f"{n}.weight" in wanted and getattr(m, "weight", None) is not None], rank)
+        plan_disk_cache(patcher)
         pbar = progress(max(1, len(keys)))
         forwards = []
         for name, mod in modules.items():

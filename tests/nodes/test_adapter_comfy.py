@@ -123,3 +123,24 @@ def test_rank_limited_shift_is_patched_from_rank_r_factors_and_composes_with_a_f
     assert len(composed) == 1 and composed[0][1].decomposition.rank == ref.rank
     assert composed[0][1].delta.shape[0] == ref.rank
     assert torch.isfinite(unet_forward(m_both)).all()
+
+
+def test_disk_cap_is_chosen_once_per_checkpoint_with_one_log_line(tiny, monkeypatch, caplog, tmp_path):
+    import logging
+
+    from svdiff_testkit.comfy_env import pack_module
+
+    mp, clip = tiny
+    ad = pack_module("nodes.adapter")
+    shifts = pack_module("nodes.shifts")
+    monkeypatch.setattr(ad, "_CACHE", None)  # a fresh process-wide cache (restored after the test)
+    monkeypatch.setattr(ad.folder_paths, "get_user_directory", lambda: str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="svdiff"):
+        shifts.apply_shift("test", mp, None, random_shift(mp, 0.3, seed=5), 1.0, 1.0, "a")
+        keys = list(ad.shiftable_shapes(mp, "diffusion_model."))[:3]
+        shifts.apply_shift("test", mp, None, random_shift(mp, 0.3, seed=6, keys=keys), 1.0, 1.0, "b")
+    lines = [r.getMessage() for r in caplog.records if "disk cache cap" in r.getMessage()]
+    assert len(lines) == 1, lines
+    cache = ad.svd_cache()
+    assert str(tmp_path) in lines[0] and cache.disk_dir.startswith(str(tmp_path))
+    assert 0 < cache.disk_limit and cache.disk_bytes() <= cache.disk_limit
