@@ -4,9 +4,9 @@
 
 In one run, on the 282 matrices of the SD1.5 UNet architecture (random weights, float32):
 
-* issue 16 item 6: cold full decomposition with the pack's route ("gram": float32 Gram with a
-  per-matrix float64 fallback), today's float64 Gram route ("gram64") and torch.linalg.svd;
-  goal gram <= 60 s, at the accuracy of gram64;
+* issue 16 item 6: cold full decomposition with the pack's default float64 Gram route ("gram64"),
+  the float32 Gram route ("gram": float32 products, float64 eigendecomposition, per-matrix
+  float64 fallback) and torch.linalg.svd; goal <= 60 s at the accuracy of gram64;
 * item 4: the truncated top-r route (r = 64) against the full one, on the random weights (a flat,
   Marchenko-Pastur spectrum: its top 64 are nearly degenerate, the worst case for any truncated
   method) and on matrices of the same shapes with a decaying spectrum (sigma_j ~ j^-0.5, exact
@@ -116,8 +116,9 @@ t_gram = runs["gram"][0]
 print(f"ratio gram64 (today's route)/gram {runs['gram64'][0] / t_gram:.2f}x", flush=True)
 
 # -- item 4: truncated top-r ---------------------------------------------------------------
-t_tr, kept_tr, _, routes_tr = cold("gram", rank=R)
-print(f"truncated r={R} (random weights): {t_tr:.1f} s, routes {routes_tr}; full gram {t_gram:.1f} s -> {t_gram / t_tr:.2f}x")
+t_full64 = runs["gram64"][0]  # the pack's default full route
+t_tr, kept_tr, _, routes_tr = cold("gram64", rank=R)
+print(f"truncated r={R} (random weights): {t_tr:.1f} s, routes {routes_tr}; full gram64 {t_full64:.1f} s -> {t_full64 / t_tr:.2f}x")
 e_chg = e_w = s_err = 0.0
 for i in IDX:
     w64, ref, _ = refs[i]
@@ -129,7 +130,7 @@ for i in IDX:
     s_err = max(s_err, float(((dec.S.double() - ref.S[:r]).abs() / ref.S[:r]).max()))
 print(f"  top-{R} triplets vs float64 SVD: max relative sigma error {s_err:.2e}; patched weight: max error {e_w:.2e} "
       f"relative to the weight, {e_chg:.2e} relative to the change")
-print(f"GOAL item 4 (random weights), >= 10x faster: {t_gram / t_tr:.2f}x -> {met(t_gram / t_tr >= 10)}; "
+print(f"GOAL item 4 (random weights), >= 10x faster: {t_full64 / t_tr:.2f}x -> {met(t_full64 / t_tr >= 10)}; "
       f"patched-weight error <= 1e-3: {e_w:.2e} -> {met(e_w <= 1e-3)}", flush=True)
 
 
@@ -148,10 +149,10 @@ def decaying_run(alpha=0.5):
         w64 = ((U * sig) @ V.t()).reshape(shape)
         w = w64.float()
         t0 = time.perf_counter()
-        D.factors(w, "gram").decomposition(shape)
+        D.factors(w, "gram64").decomposition(shape)
         t_full += time.perf_counter() - t0
         t0 = time.perf_counter()
-        dec = D.factors(w, "gram", rank=R).decomposition(shape)
+        dec = D.factors(w, "gram64", rank=R).decomposition(shape)
         t_trunc += time.perf_counter() - t0
         delta = torch.randn(dec.rank, generator=g, dtype=torch.float64) * sig.mean() * 0.1
         c, ww = patched_errors(w64, U, sig, V.t(), delta, dec)
@@ -196,7 +197,8 @@ if not args.skip_svd:
     accuracy("svd")
     print(f"ratio torch.linalg.svd/gram {runs['svd'][0] / t_gram:.2f}x, torch.linalg.svd/gram64 {runs['svd'][0] / runs['gram64'][0]:.2f}x")
 acc_ok = err["gram"]["chg"] <= 1.1 * err["gram64"]["chg"] + 1e-5
-print(f"GOAL item 6, cold SD1.5 UNet <= 60 s: {t_gram:.1f} s -> {met(t_gram <= 60 and not args.sample)}"
-      f"{' (sampled run: not judged)' if args.sample else ''} (gram64 {runs['gram64'][0]:.1f} s); accuracy as today's gram64 "
-      f"({err['gram']['chg']:.2e} vs {err['gram64']['chg']:.2e}) -> {met(acc_ok)}")
+best = min(t_gram, t_full64)
+print(f"GOAL item 6, cold SD1.5 UNet <= 60 s: gram64 (default) {t_full64:.1f} s, gram {t_gram:.1f} s -> "
+      f"{met(best <= 60 and not args.sample)}{' (sampled run: not judged)' if args.sample else ''}; gram's accuracy as "
+      f"gram64's ({err['gram']['chg']:.2e} vs {err['gram64']['chg']:.2e}) -> {met(acc_ok)}")
 print(_common.machine_line("at the end"))

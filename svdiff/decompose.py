@@ -10,14 +10,17 @@ fingerprint of the weight's bytes.
 Algorithms (all give W = U diag(sigma) V^T; write A for W or W^T, whichever is tall, p x k):
 
 * ``"svd"``: ``torch.linalg.svd`` in float32 (the reference);
-* ``"gram64"``: eigendecomposition of the float64 Gram matrix A^T A = V diag(sigma^2) V^T,
-  then U = A V diag(1/sigma), completed by a QR where sigma is numerically zero;
-* ``"gram"`` (the default): the same with A^T A and U = A V diag(1/sigma) in float32 (the two
+* ``"gram64"`` (the default): eigendecomposition of the float64 Gram matrix
+  A^T A = V diag(sigma^2) V^T, then U = A V diag(1/sigma), completed by a QR where sigma is
+  numerically zero;
+* ``"gram"``: the same with A^T A and U = A V diag(1/sigma) in float32 (the two
   p k^2 products) and the k x k eigendecomposition in float64, sigma_i = ||A v_i|| (one-sided, so
   every column of U has unit norm); checked per matrix -- the smallest sigma must be at least
   ``GRAM32_MIN_RATIO`` of the largest (one Cholesky) and a random probe of U^T U - I must stay
   below ``GRAM32_ORTH_TOL`` -- and done in float64 (``"gram64"``) where the condition number
-  needs it.
+  needs it.  Not the default: on the shared 2-core CPU of this project it measured no faster
+  than ``"gram64"`` on the SD1.5 UNet (the float64 eigendecompositions dominate there; see
+  ``bench/bench_decompose.py``), and it changes results at the float16-storage level.
 
 A rank-r request (appendix E.1: only the top r singular values are shifted) uses
 :func:`truncated_factors`: subspace iteration on A^T A with oversampling and a Rayleigh-Ritz
@@ -346,7 +349,7 @@ def use_truncated(k: int, r: int) -> bool:
     return 0 < r < k and k // (2 * min(k, r + max(16, r // 2))) >= 3
 
 
-def factors(weight: torch.Tensor, algorithm: str = "gram", device: Optional[torch.device] = None,
+def factors(weight: torch.Tensor, algorithm: str = "gram64", device: Optional[torch.device] = None,
             rank: int = 0) -> TallFactors:
     """The tall factors of one weight (Sec. 3.2), computed on ``device``; top ``rank`` only if > 0."""
     if algorithm not in ALGORITHMS:
@@ -359,7 +362,7 @@ def factors(weight: torch.Tensor, algorithm: str = "gram", device: Optional[torc
     a, transpose = tall(mat)
     r = effective_rank(weight.shape, rank)
     f = None
-    if r and algorithm == "gram" and use_truncated(a.shape[1], r):
+    if r and algorithm in ("gram", "gram64") and use_truncated(a.shape[1], r):
         f = truncated_factors(a, r)
         ROUTE_COUNTS["truncated" if f is not None else "truncated->full"] += 1
     if f is None:
@@ -370,7 +373,7 @@ def factors(weight: torch.Tensor, algorithm: str = "gram", device: Optional[torc
 
 def decompose(
     weight: torch.Tensor,
-    algorithm: str = "gram",
+    algorithm: str = "gram64",
     device: Optional[torch.device] = None,
     storage_dtype: torch.dtype = STORAGE_DTYPE,
     rank: int = 0,
@@ -496,7 +499,7 @@ class SVDCache:
         memory_limit: int = 4 << 30,
         disk_dir: Optional[str] = None,
         disk_limit: Optional[int] = DEFAULT_DISK_LIMIT,
-        algorithm: str = "gram",
+        algorithm: str = "gram64",
     ):
         self.memory_limit = int(memory_limit)
         self.disk_dir = disk_dir

@@ -215,7 +215,10 @@ def test_svd_cache_memory_and_disk(tmp_path):
     assert a is b and cache.stats == {"memory_hits": 1, "disk_hits": 0, "computed": 1}
     cache.clear_memory()
     c = cache.get(w)
-    assert cache.stats["disk_hits"] == 1 and torch.equal(c.U, a.U) and torch.equal(c.S, a.S)
+    # the disk keeps sigma and the small square factor; the other factor is recomputed (W V / sigma),
+    # equal up to float16 rounding
+    assert cache.stats["disk_hits"] == 1 and torch.equal(c.S, a.S) and torch.equal(c.Vh, a.Vh)
+    assert (c.U.float() - a.U.float()).abs().max() < 1e-3
     # memory stays bounded: least recently used out first
     small = D.SVDCache(memory_limit=a.nbytes() * 2 + 1)
     for i in range(5):
