@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("SVDIFF_TEST_THREADS", "1")))
 
+_OWN_BASE = not os.environ.get("SVDIFF_TEST_BASE")
 BASE = os.environ.get("SVDIFF_TEST_BASE") or tempfile.mkdtemp(prefix="svdiff-comfy-")
 comfy_env.prepare_base_dir(BASE)
 comfy_env.register_pack_package(comfy_env.pack_module_name(BASE))
@@ -76,3 +77,12 @@ def shift_dir(comfy):
 
 def pytest_report_header(config):
     return f"svdiff test ComfyUI base directory: {BASE}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the private base directory (the model families' test files take ~0.4 GB) unless
+    SVDIFF_TEST_BASE named one to keep."""
+    if _OWN_BASE:
+        import shutil
+
+        shutil.rmtree(BASE, ignore_errors=True)
