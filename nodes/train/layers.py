@@ -25,6 +25,16 @@ from ..adapter import base_weight, mixed_norm_supported, plan_disk_cache, svd_ca
 from ..common import check_interrupt, progress
 
 
+T5_PREFIX = "t5xxl."
+
+
+def text_encoder_keys(shapes: dict, train_t5: bool) -> list:
+    """The text-encoder weights SVDiff Train shifts: every encoder layer and the final norm of
+    each CLIP, T5-XXL's only with ``train_t5`` (the training clone and the memory plan both ask)."""
+    return [k for k in shapes if (".encoder." in k or "final_layer_norm" in k)
+            and (train_t5 or not k.startswith(T5_PREFIX))]
+
+
 def _geometry(mod) -> L.ConvGeometry:
     return L.ConvGeometry(tuple(mod.stride), tuple(mod.padding), tuple(mod.dilation), int(mod.groups))
 

@@ -15,6 +15,7 @@ from ...svdiff import memory_plan as M
 from ...svdiff.subsets import SubsetError, family_of, select, subsets_for
 from .. import comfy_compat as compat
 from ..adapter import UNET_PREFIX, architecture_of, shiftable_shapes
+from .layers import text_encoder_keys
 from .settings import TrainSettings, err, training_dtype
 
 #: Bytes a run may use on a device, or None where unknown (tests replace it with a fake limit).
@@ -26,10 +27,9 @@ def _weights_bytes(patcher) -> int:
 
 
 def _text_encoder_shapes(clip, train_t5: bool) -> dict:
-    """The text-encoder weights SVDiff Train shifts (as ``run._text_encoder_clone`` picks them)."""
+    """The text-encoder weights SVDiff Train shifts (the training clone's choice)."""
     shapes = shiftable_shapes(clip.patcher)
-    return {k: v for k, v in shapes.items() if (".encoder." in k or "final_layer_norm" in k)
-            and (train_t5 or not k.startswith("t5xxl."))}
+    return {k: shapes[k] for k in text_encoder_keys(shapes, train_t5)}
 
 
 def _profile_architecture(model) -> str:

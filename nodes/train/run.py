@@ -31,7 +31,7 @@ from ..shifts import apply_shift, read_shift_file, save_shift_numbered
 from .attention import attention_loss, concat_maps, parse_resolutions
 from .data import concat_kwargs, denoise_x0, prediction_target, special_tokens
 from . import plan as memory
-from .layers import Trainable
+from .layers import T5_PREFIX, Trainable, text_encoder_keys
 from .preview import Previewer, StatusText, pil_preview
 from .settings import INJECTION_KEY, NODE, NONE, TrainSettings, err, training_dtype
 from .sources import ClipCheck, attention_positions, instance_data, make_source, positions_of, prior_data
@@ -92,7 +92,6 @@ def _unet_clone(model, s: TrainSettings, notes: list, resolutions) -> Run:
     return run
 
 
-T5_PREFIX = "t5xxl."
 T5_NOTE = ("train_text_encoder: T5-XXL is not trained (train_t5 is off: its 4.7 G weights need about 14 GiB of U/V "
            "factors in fp16); the CLIP encoders are trained")
 
@@ -100,8 +99,7 @@ T5_NOTE = ("train_text_encoder: T5-XXL is not trained (train_t5 is off: its 4.7 
 def _text_encoder_clone(run: Run, clip, s: TrainSettings, notes: list) -> None:
     clip_t = compat.training_clone(clip)
     cshapes = shiftable_shapes(clip_t.patcher)
-    ckeys = [k for k in cshapes if (".encoder." in k or "final_layer_norm" in k)
-             and (s.train_t5 or not k.startswith(T5_PREFIX))]
+    ckeys = text_encoder_keys(cshapes, s.train_t5)
     if not s.train_t5 and any(k.startswith(T5_PREFIX) for k in cshapes):
         notes.append(T5_NOTE)
     te = Trainable(clip_t.patcher, ckeys, s.rank, clip_t.patcher.load_device, s.force_route, "", clone_norm_input=True)
