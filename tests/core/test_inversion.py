@@ -236,7 +236,7 @@ def gaussian_flow_denoiser(mu, s2, calls=None, noise_std=1.0):
 
 
 def nonlinear_flow_denoiser(seed=0, c=4):
-    """A smooth non-linear velocity model: D = x - t v(x), v = tanh(W x + b) + 0.5 x - x / 2."""
+    """A smooth non-linear velocity model: D = x - t v(x), v = tanh(W x + b) - 0.3 x."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(c, c, generator=g) * 0.5
     b = torch.randn(c, generator=g) * 0.3

@@ -33,26 +33,6 @@ PROMPT = "photo of a sks dog"
 STEPS = 6
 
 
-def _loaders(name: str) -> tuple:
-    """(graph, MODEL, CLIP, VAE) of the family's stock loaders."""
-    f = families.install(name)
-    if "ckpt_name" in f:
-        return {"ld": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f["ckpt_name"]}}}, ["ld", 0], ["ld", 1], ["ld", 2]
-    g = {"ld": {"class_type": "UNETLoader", "inputs": {"unet_name": f["unet_name"], "weight_dtype": "default"}},
-         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": f["vae_name"]}}}
-    cn = f["clip_names"]
-    if len(cn) == 3:
-        g["te"] = {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": cn[0], "clip_name2": cn[1], "clip_name3": cn[2]}}
-    else:
-        g["te"] = {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": cn[0], "clip_name2": cn[1], "type": f["clip_type"]}}
-    return g, ["ld", 0], ["te", 0], ["vae", 0]
-
-
-def _all_weights(name: str) -> str:
-    """The subset that shifts every weight of the family's diffusion model."""
-    return "UNet" if families.FAMILIES[name].loader == "checkpoint" else "DiT"
-
-
 def _train(model, clip, vae, prefix: str, **over) -> dict:
     inputs = {
         "model": model, "clip": clip, "vae": vae, "prompt": PROMPT, "train_text_encoder": True,
@@ -139,21 +119,21 @@ def _editing(g: dict, vae) -> None:
 
 def _run_family(name: str) -> dict:
     ex = new_executor()
-    g, M, C, V = _loaders(name)
+    g, M, C, V = families.loader_graph(name)
     pre = f"svdiff/fam_{name.lower()}"
     g["im"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x884422}}
-    g["tr"] = _train(M, C, V, pre, images=["im", 0], subset=_all_weights(name))
+    g["tr"] = _train(M, C, V, pre, images=["im", 0], subset=families.all_weights_subset(name))
     g["sv"] = _save(["tr", 2], pre)
     g["enc"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["im", 0], "vae": V}}
     g["pos"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": C, "text": PROMPT}}
     g["trl"] = _train(M, None, None, pre + "_lat", latents=["enc", 0], positive=["pos", 0], prior_weight=0.0,
-                      train_text_encoder=False, steps=2, subset=_all_weights(name))
+                      train_text_encoder=False, steps=2, subset=families.all_weights_subset(name))
     del g["trl"]["inputs"]["clip"], g["trl"]["inputs"]["vae"]
     g["svl"] = _save(["trl", 2], pre + "_lat")
     base = {}
     ex, out1 = run_prompt(g, "1", ex)
     assert ex.success, ex.status_messages
-    model, clip = cached_outputs(ex, "ld")[0][0], cached_outputs(ex, "te" if "te" in g else "ld")[1 if "te" not in g else 0][0]
+    model, clip = _loaded({n: cached_outputs(ex, n) for n in ("ld", "te")}, "te" in g)
     base["model_digest"] = _digest(model)
     base["clip_digest"] = _digest(clip.patcher)
     shift_name = _saved_name(ex, "sv")
@@ -209,9 +189,13 @@ def fam(request, comfy, runs):
 
 
 def _model_clip(r) -> tuple:
-    c = r["cache"]
-    model = c["ld"][0][0]
-    clip = c["te"][0][0] if r["has_te_loader"] else c["ld"][1][0]
+    """The base (MODEL, CLIP) the family's loaders gave."""
+    return _loaded(r["cache"], r["has_te_loader"])
+
+
+def _loaded(cache: dict, te_loader: bool) -> tuple:
+    model = cache["ld"][0][0]
+    clip = cache["te"][0][0] if te_loader else cache["ld"][1][0]
     return model, clip
 
 
@@ -342,7 +326,7 @@ def test_a_shift_of_one_family_is_refused_on_another(fam, runs):
 @pytest.mark.parametrize("name", ["SD3", "Flux"])
 def test_t5_trains_only_when_asked(comfy, name):
     """T5 training is off by default (stated in the node's text); train_t5 turns it on."""
-    g, M, C, V = _loaders(name)
+    g, M, C, V = families.loader_graph(name)
     pre = f"svdiff/fam_{name.lower()}_t5"
     g["im"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x226688}}
     g["tr"] = _train(M, C, V, pre, images=["im", 0], subset="DiT-Attn", prior_weight=0.0, steps=1, train_t5=True)
@@ -373,7 +357,7 @@ def test_family_single_image_editing(fam):
 def test_flux_loaded_in_fp8_trains_and_samples(comfy):
     """Flux is commonly loaded with UNETLoader's fp8 weight_dtype: training decomposes the
     dequantised weights and the shift applies to the fp8 model."""
-    g, M, C, V = _loaders("Flux")
+    g, M, C, V = families.loader_graph("Flux")
     g["ld"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
     pre = "svdiff/fam_flux_fp8"
     g["im"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x446622}}

@@ -284,20 +284,6 @@ def test_attention_term_gradient_reaches_the_deltas(built, name, term):
 # --------------------------------------------------------------------------------------
 # SVDiff Train with unmix (Cut-Mix Builder) and Eq. 10 through the executor, every family
 # --------------------------------------------------------------------------------------
-def _loaders(name: str) -> tuple:
-    f = families.install(name)
-    if "ckpt_name" in f:
-        return {"ld": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f["ckpt_name"]}}}, ["ld", 0], ["ld", 1], ["ld", 2]
-    g = {"ld": {"class_type": "UNETLoader", "inputs": {"unet_name": f["unet_name"], "weight_dtype": "default"}},
-         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": f["vae_name"]}}}
-    cn = f["clip_names"]
-    if len(cn) == 3:
-        g["te"] = {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": cn[0], "clip_name2": cn[1], "clip_name3": cn[2]}}
-    else:
-        g["te"] = {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": cn[0], "clip_name2": cn[1], "type": f["clip_type"]}}
-    return g, ["ld", 0], ["te", 0], ["vae", 0]
-
-
 def _train_node(model, clip, vae, prefix: str, **over) -> dict:
     inputs = {
         "model": model, "clip": clip, "vae": vae, "prompt": PROMPT, "class_prompt": "photo of a dog",
@@ -318,8 +304,8 @@ def _loss_report(ex, node: str) -> dict:
 @pytest.mark.parametrize("name", NAMES)
 def test_train_with_unmix_and_eq10_through_the_executor(comfy, name):
     families.register(name)
-    g, M, C, V = _loaders(name)
-    subset = "UNet" if families.FAMILIES[name].loader == "checkpoint" else "DiT"
+    g, M, C, V = families.loader_graph(name)
+    subset = families.all_weights_subset(name)
     pre = f"svdiff/attn_{name.lower()}"
     for n, color in ((1, 0xCC3322), (2, 0x2244CC)):
         g[f"im{n}"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": color}}

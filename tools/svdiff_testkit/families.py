@@ -306,6 +306,28 @@ def install(name: str, seed: int = 0) -> dict:
     }
 
 
+def all_weights_subset(name: str) -> str:
+    """SVDiff Train's subset that shifts every weight of the family's diffusion model."""
+    return "UNet" if FAMILIES[name].loader == "checkpoint" else "DiT"
+
+
+def loader_graph(name: str, seed: int = 0) -> tuple:
+    """(API-prompt nodes, MODEL, CLIP, VAE links) of the stock loaders a user connects for the
+    tiny family (installed first): Load Checkpoint for SD2/SDXL; Load Diffusion Model +
+    TripleCLIPLoader/DualCLIPLoader + Load VAE for the DiTs.  Node ids: "ld", "te", "vae"."""
+    f = install(name, seed)
+    if "ckpt_name" in f:
+        return {"ld": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f["ckpt_name"]}}}, ["ld", 0], ["ld", 1], ["ld", 2]
+    g = {"ld": {"class_type": "UNETLoader", "inputs": {"unet_name": f["unet_name"], "weight_dtype": "default"}},
+         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": f["vae_name"]}}}
+    cn = f["clip_names"]
+    if len(cn) == 3:
+        g["te"] = {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": cn[0], "clip_name2": cn[1], "clip_name3": cn[2]}}
+    else:
+        g["te"] = {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": cn[0], "clip_name2": cn[1], "type": f["clip_type"]}}
+    return g, ["ld", 0], ["te", 0], ["vae", 0]
+
+
 def _dit_files(name: str, seed: int):
     @functools.cache
     def files():
