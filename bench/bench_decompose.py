@@ -4,9 +4,12 @@
 
 In one run, on the 282 matrices of the SD1.5 UNet architecture (random weights, float32):
 
-* issue 16 item 6: cold full decomposition with the pack's default float64 Gram route ("gram64"),
-  the float32 Gram route ("gram": float32 products, float64 eigendecomposition, per-matrix
-  float64 fallback) and torch.linalg.svd; goal <= 60 s at the accuracy of gram64;
+* issue 16 item 6: cold full decomposition with the route a cold load runs ("compact": sigma, the
+  small square factor and the tail columns, what the cache stores, by the float64 Gram route
+  without forming the tall factor), the full float64 Gram route ("gram64": U too, what training
+  and the LoRA export ask for), the float32 Gram route ("gram": float32 products, float64
+  eigendecomposition, per-matrix float64 fallback) and torch.linalg.svd; goal <= 60 s at the
+  accuracy of gram64;
 * item 4: the truncated top-r route (r = 64) against the full one, on the random weights (a flat,
   Marchenko-Pastur spectrum: its top 64 are nearly degenerate, the worst case for any truncated
   method) and on matrices of the same shapes with a decaying spectrum (sigma_j ~ j^-0.5, exact
@@ -58,7 +61,7 @@ def met(ok):
     return "met" if ok else "not met"
 
 
-ROUTES = [("gram64", 0), ("gram", 0), ("trunc", R)] + ([] if args.skip_svd else [("svd", 0)])
+ROUTES = [("compact", 0), ("gram64", 0), ("gram", 0), ("trunc", R)] + ([] if args.skip_svd else [("svd", 0)])
 
 
 def cold_interleaved():
@@ -75,8 +78,11 @@ def cold_interleaved():
         for name, rank in ROUTES[j:] + ROUTES[:j]:
             D.ROUTE_COUNTS.clear()
             t0 = time.perf_counter()
-            f = D.factors(w, "gram64" if name == "trunc" else name, rank=rank)
-            dec = f.decomposition(tuple(w.shape))
+            if name == "compact":
+                dec = D.compact_factors(w)
+            else:
+                f = D.factors(w, "gram64" if name == "trunc" else name, rank=rank)
+                dec = f.decomposition(tuple(w.shape))
             times[name] += time.perf_counter() - t0
             if name == "gram64":
                 compact[i] = D.compact_parts(f)
@@ -101,7 +107,10 @@ def patched_errors(w64, U, Sg, Vh, delta, dec):
     """(error relative to the change, error relative to the patched weight) of dec's patched weight."""
     r = delta.shape[0]
     change = ((U[:, :r] * (torch.relu(Sg[:r] + delta) - Sg[:r])) @ Vh[:r]).reshape(w64.shape)
-    got = S.spectral_residual(dec, delta.float()).double()
+    if isinstance(dec, D.CompactFactors):  # the residual through the weight, as a streamed load forms it
+        got = S.compact_residual(dec, delta.float(), 1.0, w64.float()).double()
+    else:
+        got = S.spectral_residual(dec, delta.float()).double()
     e = float((got - change).norm())
     return e / float(change.norm()), e / float((w64 + change).norm())
 
@@ -120,7 +129,8 @@ def accuracy(algo):
     for i in IDX:
         w64, ref, delta = refs[i]
         dec = runs[algo][1][i]
-        e["rec"] = max(e["rec"], float((dec.reconstruct().double() - w64).norm() / w64.norm()))
+        full = dec.expand(w64.float()) if isinstance(dec, D.CompactFactors) else dec
+        e["rec"] = max(e["rec"], float((full.reconstruct().double() - w64).norm() / w64.norm()))
         e["chg"] = max(e["chg"], patched_errors(w64, ref.U, ref.S, ref.Vh, delta, dec)[0])
     err[algo] = e
     print(f"{algo:6s}: max relative reconstruction error {e['rec']:.2e} (float16 U, V), patched-weight error vs float64 "
@@ -130,16 +140,17 @@ def accuracy(algo):
 for algo in runs:
     if algo != "trunc":
         accuracy(algo)
-t_gram, t_full64 = runs["gram"][0], runs["gram64"][0]
-line = f"ratio gram64 (default)/gram {t_full64 / t_gram:.2f}x"
+t_gram, t_full64, t_cold = runs["gram"][0], runs["gram64"][0], runs["compact"][0]
+line = f"ratio gram64 (full factors)/compact (cold load) {t_full64 / t_cold:.2f}x, gram64/gram {t_full64 / t_gram:.2f}x"
 if "svd" in runs:
-    line += f"; torch.linalg.svd/gram64 {runs['svd'][0] / t_full64:.2f}x, torch.linalg.svd/gram {runs['svd'][0] / t_gram:.2f}x"
+    line += (f"; torch.linalg.svd/compact {runs['svd'][0] / t_cold:.2f}x, torch.linalg.svd/gram64 "
+             f"{runs['svd'][0] / t_full64:.2f}x, torch.linalg.svd/gram {runs['svd'][0] / t_gram:.2f}x")
 print(line)
-acc_ok = err["gram"]["chg"] <= 1.1 * err["gram64"]["chg"] + 1e-5
-best = min(t_gram, t_full64)
-print(f"GOAL item 6, cold SD1.5 UNet <= 60 s: gram64 (default) {t_full64:.1f} s, gram {t_gram:.1f} s -> "
-      f"{met(best <= 60 and not args.sample)}{' (sampled run: not judged)' if args.sample else ''}; gram's accuracy as "
-      f"gram64's ({err['gram']['chg']:.2e} vs {err['gram64']['chg']:.2e}) -> {met(acc_ok)}", flush=True)
+acc_ok = err["compact"]["chg"] <= 1.1 * err["gram64"]["chg"] + 1e-5
+print(f"GOAL item 6, cold SD1.5 UNet <= 60 s: compact (what a cold load runs) {t_cold:.1f} s -> "
+      f"{met(t_cold <= 60 and not args.sample)}{' (sampled run: not judged)' if args.sample else ''} "
+      f"(full factors: gram64 {t_full64:.1f} s, gram {t_gram:.1f} s); its accuracy as gram64's "
+      f"({err['compact']['chg']:.2e} vs {err['gram64']['chg']:.2e}) -> {met(acc_ok)}", flush=True)
 
 # -- item 4: truncated top-r ---------------------------------------------------------------
 t_tr, kept_tr = runs["trunc"]

@@ -21,8 +21,8 @@ import folder_paths
 from comfy.patcher_extension import CallbacksMP, PatcherInjection
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..svdiff.decompose import Decomposition, SVDCache, fingerprint
-from ..svdiff.shift import SpectralShift, is_spectral_shape, spectral_residual
+from ..svdiff.decompose import CompactFactors, Decomposition, SVDCache, effective_rank, fingerprint, num_singular_values
+from ..svdiff.shift import SpectralShift, compact_residual, is_spectral_shape, spectral_residual
 from ..svdiff import shiftfile
 from ..svdiff.arithmetic import weighted_delta_sum
 from . import comfy_compat as compat
@@ -39,21 +39,23 @@ _CACHE_LOCK = threading.Lock()
 
 
 def svd_cache() -> SVDCache:
-    """The process-wide SVD cache.
+    """The process-wide SVD cache, of compact factors (sigma and the small square factor).
 
-    Memory: SVDIFF_SVD_MEMORY_MB (default 4096).  Disk: under ComfyUI's user directory
-    (``user/svdiff_cache``), in compact form (sigma and the small square factor: 0.89 GB for
-    the SD1.5 UNet, against 2.2 GB for float16 U and V), SVDIFF_DISK_CACHE=0 turns it off,
-    SVDIFF_DISK_CACHE_GB caps it; unset, the cap is chosen per checkpoint from the free space
-    (:func:`plan_disk_cache`).  See ``nodes/settings.py``.
+    Disk: under ComfyUI's user directory (``user/svdiff_cache``; 0.89 GB for the SD1.5 UNet,
+    against 2.2 GB for float16 U and V); SVDIFF_DISK_CACHE=0 turns it off, SVDIFF_DISK_CACHE_GB
+    caps it; unset, the cap is chosen per checkpoint from the free space (:func:`plan_disk_cache`).
+    Memory: SVDIFF_SVD_MEMORY_MB; unset, none with a disk cache (loads stream their factors from
+    disk, one layer at a time, which the OS page cache keeps in memory while there is room) and
+    4096 MB without one.  See ``nodes/settings.py``.
     """
     global _CACHE
     with _CACHE_LOCK:
         if _CACHE is None:
             cfg = pack_settings.current()
             disk = os.path.join(folder_paths.get_user_directory(), "svdiff_cache") if cfg.disk_cache else None
+            memory_mb = cfg.svd_memory_mb if cfg.svd_memory_mb is not None else (0.0 if disk else 4096.0)
             _CACHE = SVDCache(
-                memory_limit=int(cfg.svd_memory_mb * (1 << 20)),
+                memory_limit=int(memory_mb * (1 << 20)),
                 disk_dir=disk,
                 disk_limit=None if cfg.disk_cache_gb is None else int(cfg.disk_cache_gb * (1 << 30)),
             )
@@ -148,12 +150,79 @@ class _ResidualCache:
             self._fin = weakref.finalize(self, RESIDUAL_BUDGET.give, self.bytes)
 
 
+class _BaseView:
+    """What ``comfy_compat.dense_weight`` reads of a patcher (its model, ``backup`` and
+    ``hook_backup``), with the model held weakly: an adapter must not keep a model alive.
+    Clones share these dictionaries with the patcher they come from (both versions)."""
+
+    def __init__(self, patcher):
+        self._model = weakref.ref(patcher.model)
+        self.backup = getattr(patcher, "backup", {})
+        self.hook_backup = getattr(patcher, "hook_backup", {})
+
+    @property
+    def model(self):
+        m = self._model()
+        if m is None:
+            raise RuntimeError("svdiff: the model this spectral shift was loaded on no longer exists")
+        return m
+
+
+class FactorSource:
+    """Where one adapter finds the decomposition of its base weight when ComfyUI patches it.
+
+    Streamed (the default): nothing is held; each patch asks the SVD cache (memory, then disk,
+    then recomputed from the base weight) for the compact factors, forms the residual through
+    the base weight (:func:`compact_residual`) and drops them, so a load holds the factors of
+    one layer at a time.  ``kept``: factors the cache could not keep (no disk cache), held here.
+    """
+
+    def __init__(self, view: Optional[_BaseView], key: str, fp: str, shape: tuple, request: int,
+                 kept: Optional[CompactFactors] = None):
+        self.view = view
+        self.key = key
+        self.fp = fp
+        self.shape = tuple(shape)
+        self.request = int(request)  # the rank asked of the cache (the length of the shift's delta)
+        self.kept = kept
+
+    @property
+    def rank(self) -> int:
+        """Number of singular triplets this source gives."""
+        return effective_rank(self.shape, self.request) or num_singular_values(self.shape)
+
+    def factors(self, base: torch.Tensor, device) -> CompactFactors:
+        if self.kept is not None:
+            return self.kept
+        return svd_cache().compact(base, device=device, fp=self.fp, rank=self.request)
+
+    def residual(self, delta: torch.Tensor, strength: float, device) -> torch.Tensor:
+        base = compat.dense_weight(self.view, self.key)
+        return compact_residual(self.factors(base, device), delta, strength, base, device=device)
+
+
+class HeldDecomposition:
+    """A source that holds a full :class:`Decomposition` (U, S, Vh): for callers that already
+    have one (tests, tools); loads from files use :class:`FactorSource`."""
+
+    def __init__(self, dec: Decomposition):
+        self.dec = dec
+
+    @property
+    def rank(self) -> int:
+        return self.dec.rank
+
+    def residual(self, delta: torch.Tensor, strength: float, device) -> torch.Tensor:
+        return spectral_residual(self.dec, delta, strength, device=device)
+
+
 class SpectralShiftAdapter(WeightAdapterBase):
     """One weight's spectral shift as a ComfyUI weight adapter.
 
     Matrices (2-D, 4-D): W + U diag(ReLU(sigma + s*delta) - sigma) V^T (Eq. 2, residual form);
     1-D weights: w + s*delta.  ``strength`` (the patch strength) is the s of appendix E.3:
-    it scales delta inside the ReLU.
+    it scales delta inside the ReLU.  The adapter holds delta and where its factors come from
+    (a :class:`FactorSource`), not the factors themselves.
     """
 
     name = "svdiff"
@@ -161,19 +230,22 @@ class SpectralShiftAdapter(WeightAdapterBase):
     def __init__(self, loaded_keys, weights):
         # ComfyUI's adapter convention, (loaded_keys, weights): 0.33 rebuilds adapters as
         # type(a)(a.loaded_keys, prefetched(a.weights)) when it prepares low-VRAM patches for a
-        # device; the delta tensor moves, the decomposition and the shape pass through.
-        delta, decomposition, shape = weights
+        # device; the delta tensor moves, the factor source and the shape pass through.
+        delta, source, shape = weights
         self.loaded_keys = set(loaded_keys or ())
         self.delta = delta.detach().float()
-        self.decomposition = decomposition
+        self.source = source
         self.shape = tuple(shape)
-        self.weights = (self.delta, decomposition, self.shape)
+        self.weights = (self.delta, source, self.shape)
         self._cache = _ResidualCache()
 
     @classmethod
-    def build(cls, delta: torch.Tensor, decomposition: Optional[Decomposition], shape: tuple) -> "SpectralShiftAdapter":
-        """The adapter of one weight: its delta (kept on the CPU), base decomposition and shape."""
-        return cls(set(), (delta.detach().float().cpu(), decomposition, tuple(shape)))
+    def build(cls, delta: torch.Tensor, source, shape: tuple) -> "SpectralShiftAdapter":
+        """The adapter of one weight: its delta (kept on the CPU), the source of its base weight's
+        factors (a :class:`FactorSource`, a :class:`Decomposition`, or None for 1-D weights) and shape."""
+        if isinstance(source, Decomposition):
+            source = HeldDecomposition(source)
+        return cls(set(), (delta.detach().float().cpu(), source, tuple(shape)))
 
     @classmethod
     def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None, *args, **kwargs):
@@ -184,10 +256,10 @@ class SpectralShiftAdapter(WeightAdapterBase):
         hit = self._cache.get(key)
         if hit is not None:
             return hit.to(device, non_blocking=True)
-        if self.decomposition is None:
+        if self.source is None:
             res = (strength * self.delta).to(device=device)
         else:
-            res = spectral_residual(self.decomposition, self.delta, strength, device=device)
+            res = self.source.residual(self.delta, strength, device)
         res = res.to(dtype)
         self._cache.offer(key, res.to("cpu") if res.device.type != "cpu" else res)
         return res
@@ -397,6 +469,7 @@ def build_adapters(patcher, shift: SpectralShift, keys, node: str, device=None):
     cache = svd_cache()
     device = device or compute_device()
     plan_disk_cache(patcher)
+    view = _BaseView(patcher)
     pbar = progress(max(1, len(keys)))
     patches, fps = {}, {}
     for k in keys:
@@ -407,12 +480,15 @@ def build_adapters(patcher, shift: SpectralShift, keys, node: str, device=None):
             raise SVDiffNodeError(node, f"weight {k!r} is {list(w.shape)} in the model but {list(shape)} in the shift")
         fp = weight_fingerprint(w)
         fps[k] = fp
+        source = None
         if is_spectral_shape(shape):
-            # a rank-r shift (appendix E.1) needs only the top r triplets: a truncated decomposition
-            dec = cache.get(w, device=device, fp=fp, rank=int(shift.deltas[k].shape[0]))
-            patches[k] = SpectralShiftAdapter.build(shift.deltas[k], dec, shape)
-        else:
-            patches[k] = SpectralShiftAdapter.build(shift.deltas[k], None, shape)
+            # decomposed now (or found in the cache), one layer at a time, and not held: ComfyUI's
+            # patching fetches the factors again per layer.  A rank-r shift (appendix E.1) needs
+            # only the top r triplets: a truncated decomposition.
+            r = int(shift.deltas[k].shape[0])
+            kept = cache.ensure(w, device=device, fp=fp, rank=r)
+            source = FactorSource(view, k, fp, shape, r, kept)
+        patches[k] = SpectralShiftAdapter.build(shift.deltas[k], source, shape)
         pbar.update(1)
     return patches, fps
 
@@ -538,9 +614,9 @@ def compose_with_carried_shifts(clone, patches: dict, strength: float) -> tuple:
         compat.remove_key_patches(clone, k, lambda p: isinstance(p[1], SpectralShiftAdapter))
         delta = weighted_delta_sum([p[1].delta for p in prev] + [ad.delta], [p[0] for p in prev] + [strength])
         # rank-limited shifts carry truncated decompositions: the longest one covers the summed delta
-        decs = [a.decomposition for a in [p[1] for p in prev] + [ad] if a.decomposition is not None]
-        dec = max(decs, key=lambda d: d.rank, default=ad.decomposition)
-        composed[k] = SpectralShiftAdapter.build(delta, dec, ad.shape)
+        sources = [a.source for a in [p[1] for p in prev] + [ad] if a.source is not None]
+        source = max(sources, key=lambda src: src.rank, default=ad.source)
+        composed[k] = SpectralShiftAdapter.build(delta, source, ad.shape)
     return plain, composed, blocked
 
 

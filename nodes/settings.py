@@ -2,7 +2,7 @@
 
 | variable | default | meaning |
 |---|---|---|
-| SVDIFF_SVD_MEMORY_MB | 4096 | memory budget of the SVD cache (U, V of decomposed base weights) |
+| SVDIFF_SVD_MEMORY_MB | auto | memory budget of the SVD cache's compact factors (unset: 0 with a disk cache, loads stream from disk; 4096 without) |
 | SVDIFF_DISK_CACHE | on | keep decompositions on disk under ComfyUI's ``user/svdiff_cache`` |
 | SVDIFF_DISK_CACHE_GB | auto | size cap of that disk cache (unset: chosen per checkpoint from the free space, logged) |
 | SVDIFF_RESIDUAL_CACHE_MB | 2048 | budget of the low-VRAM per-forward residual cache |
@@ -62,7 +62,7 @@ def parse_optional_float(name: str, raw: Optional[str]) -> Optional[float]:
 
 @dataclass(frozen=True)
 class PackSettings:
-    svd_memory_mb: float = 4096.0
+    svd_memory_mb: Optional[float] = None  # None: 0 with a disk cache, 4096 without (adapter.svd_cache)
     disk_cache: bool = True
     disk_cache_gb: Optional[float] = None  # None: chosen per checkpoint from the free space
     residual_cache_mb: float = 2048.0
@@ -72,7 +72,7 @@ class PackSettings:
     def from_env(cls, env: Mapping[str, str]) -> "PackSettings":
         d = cls()
         return cls(
-            svd_memory_mb=parse_float("SVDIFF_SVD_MEMORY_MB", env.get("SVDIFF_SVD_MEMORY_MB"), d.svd_memory_mb),
+            svd_memory_mb=parse_optional_float("SVDIFF_SVD_MEMORY_MB", env.get("SVDIFF_SVD_MEMORY_MB")),
             disk_cache=parse_bool("SVDIFF_DISK_CACHE", env.get("SVDIFF_DISK_CACHE"), d.disk_cache),
             disk_cache_gb=parse_optional_float("SVDIFF_DISK_CACHE_GB", env.get("SVDIFF_DISK_CACHE_GB")),
             residual_cache_mb=parse_float("SVDIFF_RESIDUAL_CACHE_MB", env.get("SVDIFF_RESIDUAL_CACHE_MB"), d.residual_cache_mb),

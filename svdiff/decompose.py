@@ -28,10 +28,13 @@ step per iteration, stopped when every top-r triplet has a residual ||A^T u - si
 ``TRUNCATED_TOL`` sigma_1 (the triplets are then exact for a weight within that relative
 distance), or done as a full decomposition when it does not converge within a cost budget.
 
-The disk cache stores only what cannot be cheaply recomputed (:func:`compact_parts`): sigma
+The cache stores only what cannot be cheaply recomputed (:class:`CompactFactors`): sigma
 and the small square factor (k x k, float32), plus the few columns of the tall factor whose
 sigma is too small to recompute it accurately; the tall factor U = A V diag(1/sigma) is
-recomputed from the weight on load (:func:`expand_compact`).
+recomputed from the weight when it is needed (:meth:`CompactFactors.expand`), or never formed
+(a shift's residual goes through the weight: :func:`svdiff.shift.compact_residual`).  The
+default route computes new entries in that form directly (:func:`compact_factors`: one float64
+Gram product and its eigendecomposition, no tall factor).
 """
 
 from __future__ import annotations
@@ -170,8 +173,8 @@ def _gram64(a: torch.Tensor) -> tuple:
     below GRAM64_NULL_RATIO sigma_1: under it A v / sigma is dominated by the rounding of the
     eigenvectors (errors ~ eps64 (sigma_1/sigma)^2), so such sigma are set to 0.
     """
+    evals, evecs = torch.linalg.eigh(gram64_matrix(a))
     a = a.double()
-    evals, evecs = torch.linalg.eigh(a.t() @ a)
     S = evals.flip(0).clamp_min(0).sqrt()
     V = evecs.flip(1)
     k = S.shape[0]
@@ -185,6 +188,60 @@ def _gram64(a: torch.Tensor) -> tuple:
         U[:, good:] = q[:, good:]
         S[good:] = 0.0
     return U, S, V
+
+
+GRAM_BLOCK_BYTES = 16 << 20  # row block of the float64 Gram product and of the residual products
+
+
+def row_blocks(rows: int, cols: int, block_bytes: int = GRAM_BLOCK_BYTES, itemsize: int = 8):
+    """Slices of ``rows`` rows, each block of (rows x cols) at most about ``block_bytes``."""
+    step = max(1, block_bytes // max(1, cols * itemsize))
+    for i in range(0, rows, step):
+        yield slice(i, min(rows, i + step))
+
+
+def gram64_matrix(a: torch.Tensor) -> torch.Tensor:
+    """A^T A in float64, summed over row blocks of A (no float64 copy of the whole of A).
+
+    Only the block upper triangle is multiplied (column panels of about 128: (nb + 1) / (2 nb) of
+    the products, about 0.56 for nb = 8) and mirrored, so G is exactly symmetric.
+    """
+    k = a.shape[1]
+    nb = max(1, min(8, k // 128))
+    edges = [k * i // nb for i in range(nb + 1)]
+    G = torch.zeros(k, k, dtype=torch.float64, device=a.device)
+    for rows in row_blocks(a.shape[0], k):
+        blk = a[rows].double()
+        for x in range(nb):
+            lo, hi = edges[x], edges[x + 1]
+            G[lo:hi, lo:].addmm_(blk[:, lo:hi].t(), blk[:, lo:])
+    return torch.triu(G) + torch.triu(G, 1).t()
+
+
+def _gram64_compact(a: torch.Tensor) -> Optional[tuple]:
+    """(sigma, V, U_tail) of tall A by the float64 Gram route, without forming U: what the cache keeps.
+
+    The same sigma and V as :func:`_gram64` (the same Gram matrix and eigendecomposition); only the
+    columns of U that A V diag(1/sigma) cannot give accurately later (sigma below
+    RECOMPUTE_MIN_RATIO sigma_1) are computed.  None when A has numerically null directions (their
+    columns of U come from a QR completion of the whole of U: :func:`_gram64` does it).
+    """
+    k = a.shape[1]
+    if k == 0:
+        return None
+    evals, evecs = torch.linalg.eigh(gram64_matrix(a))
+    S = evals.flip(0).clamp_min(0).sqrt()
+    V = evecs.flip(1)
+    if not float(S[0]) > 0 or bool((S <= S[0] * GRAM64_NULL_RATIO).any()):
+        return None
+    t = int((S >= S[0] * RECOMPUTE_MIN_RATIO).sum())
+    tail = None
+    if t < k:
+        tail = torch.empty(a.shape[0], k - t, dtype=torch.float64, device=a.device)
+        for rows in row_blocks(a.shape[0], k):
+            tail[rows] = a[rows].double() @ V[:, t:]
+        tail = (tail / S[t:]).to("cpu", STORAGE_DTYPE).contiguous()
+    return S.to("cpu", torch.float32).contiguous(), V.to("cpu", torch.float32).contiguous(), tail
 
 
 def _orthogonality_probe(U: torch.Tensor, n: int = 4) -> float:
@@ -388,11 +445,98 @@ def decompose(
 
 
 # -- compact form (what the disk cache stores) ---------------------------------------------
+@dataclass
+class CompactFactors:
+    """One weight's decomposition in the form the cache keeps: sigma, the small square factor, and
+    the few columns of the tall factor that cannot be recomputed.
+
+    With A the tall form of the weight matrix (W, or W^T when W is wide; ``transpose``),
+    A = Ua diag(S) Va^T.  The first ``head`` columns of Ua are A Va diag(1/S) (recomputed from
+    the weight whenever they are needed); ``U_tail`` holds the others (sigma below
+    RECOMPUTE_MIN_RATIO sigma_1, or null directions), in float16.
+    S: (j,) float32 descending; V = Va: (k, j) float32; U_tail: (p, j - head) or None.
+    """
+
+    S: torch.Tensor
+    V: torch.Tensor
+    U_tail: Optional[torch.Tensor]
+    shape: tuple  # shape of the original weight tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.shape[0])
+
+    @property
+    def head(self) -> int:
+        return self.rank - (int(self.U_tail.shape[1]) if self.U_tail is not None else 0)
+
+    @property
+    def transpose(self) -> bool:
+        return tall_shape(self.shape)[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.S, self.V, self.U_tail) if t is not None)
+
+    def parts(self) -> dict:
+        out = {"S": self.S, "V": self.V}
+        if self.U_tail is not None:
+            out["U_tail"] = self.U_tail
+        return out
+
+    @classmethod
+    def of(cls, f: TallFactors, shape: tuple) -> "CompactFactors":
+        """The compact form of full or truncated tall factors (Ua is dropped but for its tail)."""
+        d = compact_parts(f)
+        return cls(d["S"], d["V"], d.get("U_tail"), tuple(shape))
+
+    @classmethod
+    def from_parts(cls, parts: dict, shape: tuple) -> "CompactFactors":
+        """From stored parts; ValueError when they do not fit a weight of ``shape``."""
+        (p, k), _ = tall_shape(shape)
+        S, V, tail = parts["S"], parts["V"], parts.get("U_tail")
+        n = int(S.shape[0]) if S.ndim == 1 else -1
+        ok = n >= 0 and tuple(V.shape) == (k, n) and (tail is None or (tail.shape[0] == p and tail.shape[1] <= n))
+        if not ok:
+            raise ValueError("cached factors have the wrong shape")
+        return cls(S.float(), V.float(), tail, tuple(shape))
+
+    def truncate(self, j: int) -> "CompactFactors":
+        """The first ``j`` triplets (views)."""
+        if j <= 0 or j >= self.rank:
+            return self
+        t = min(self.head, j)
+        tail = self.U_tail[:, : j - t] if j > t else None
+        return CompactFactors(self.S[:j], self.V[:, :j], tail, self.shape)
+
+    def expand(self, weight: torch.Tensor, device=None, storage_dtype: torch.dtype = STORAGE_DTYPE) -> Decomposition:
+        """The :class:`Decomposition` of ``weight`` (the weight these factors are of): Ua = A Va diag(1/sigma)."""
+        a, transpose = tall(as_matrix(weight.detach()))
+        a = a.to(device).float() if device is not None else a.float()
+        j, t = self.rank, self.head
+        S = self.S.to(a.device, torch.float32)
+        V = self.V.to(a.device, torch.float32)
+        Ua = torch.empty(a.shape[0], j, dtype=torch.float32, device=a.device)
+        Ua[:, :t] = (a @ V[:, :t]) / S[:t]
+        if t < j:
+            Ua[:, t:] = self.U_tail.to(a.device, torch.float32)
+        return TallFactors(Ua, S, V, transpose).decomposition(tuple(weight.shape), storage_dtype)
+
+
+def tall_shape(shape) -> tuple:
+    """((p, k), transpose): the tall form's shape of a kernel of this shape (p >= k)."""
+    shape = tuple(shape)
+    m, n = int(shape[0]), 1
+    for s in shape[1:]:
+        n *= int(s)
+    return ((n, m), True) if m < n else ((m, n), False)
+
+
 def compact_parts(f: TallFactors) -> dict:
     """sigma, the small square factor Va (float32), and the columns of Ua that A Va / sigma cannot give.
 
     Columns with sigma_i < RECOMPUTE_MIN_RATIO sigma_1 (and null directions) are kept in float16
-    as ``U_tail``; the rest of Ua is recomputed on load (:func:`expand_compact`).
+    as ``U_tail``; the rest of Ua is recomputed on load (:meth:`CompactFactors.expand`, or the
+    residual through the weight, :func:`svdiff.shift.compact_residual`).
     """
     S = f.S.float()
     j = int(S.shape[0])
@@ -410,30 +554,33 @@ def compact_nbytes(shape, rank: int = 0) -> int:
     return 4 * k * j + 4 * j
 
 
+def compact_factors(weight: torch.Tensor, algorithm: str = "gram64", device: Optional[torch.device] = None,
+                    rank: int = 0) -> CompactFactors:
+    """The compact form of one weight's decomposition (Sec. 3.2), computed on ``device``.
+
+    The default full-rank route (``gram64``) never forms the tall factor (:func:`_gram64_compact`:
+    one float64 Gram product and its eigendecomposition); other algorithms, rank requests and
+    rank-deficient weights go through :func:`factors`.
+    """
+    if algorithm == "gram64" and not effective_rank(weight.shape, rank):
+        mat = as_matrix(weight.detach())
+        if device is not None:
+            mat = mat.to(device)
+        if mat.device.type != "mps":
+            if not torch.isfinite(mat).all():
+                raise ValueError("weight has NaN or Inf entries; it cannot be decomposed")
+            out = _gram64_compact(tall(mat)[0])
+            if out is not None:
+                ROUTE_COUNTS["gram64(compact)"] += 1
+                return CompactFactors(*out, tuple(weight.shape))
+    return CompactFactors.of(factors(weight, algorithm, device, rank), tuple(weight.shape))
+
+
 def expand_compact(parts: dict, weight: torch.Tensor, device=None, storage_dtype: torch.dtype = STORAGE_DTYPE,
                    j: Optional[int] = None) -> Decomposition:
-    """The :class:`Decomposition` of ``weight`` from its compact parts: Ua = A Va diag(1/sigma).
-
-    ``j``: keep only the first j triplets (a rank request served from a full entry).
-    Raises ValueError when the parts do not fit the weight.
-    """
-    a, transpose = tall(as_matrix(weight.detach()))
-    p, k = a.shape
-    S, V, tail = parts["S"], parts["V"], parts.get("U_tail")
-    n = int(S.shape[0])
-    t = n - (int(tail.shape[1]) if tail is not None else 0)
-    if S.ndim != 1 or tuple(V.shape) != (k, n) or (tail is not None and tuple(tail.shape) != (p, n - t)) or t < 0:
-        raise ValueError("cached factors have the wrong shape")
-    j = n if j is None else min(j, n)
-    a = a.to(device).float() if device is not None else a.float()
-    S = S[:j].to(a.device, torch.float32)
-    V = V[:, :j].to(a.device, torch.float32)
-    Ua = torch.empty(p, j, dtype=torch.float32, device=a.device)
-    tj = min(t, j)
-    Ua[:, :tj] = (a @ V[:, :tj]) / S[:tj]
-    if tj < j:
-        Ua[:, tj:] = tail[:, : j - tj].to(a.device, torch.float32)
-    return TallFactors(Ua, S, V, transpose).decomposition(tuple(weight.shape), storage_dtype)
+    """The :class:`Decomposition` of ``weight`` from its compact parts (first ``j`` triplets)."""
+    cf = CompactFactors.from_parts(parts, tuple(weight.shape))
+    return cf.truncate(j or cf.rank).expand(weight, device, storage_dtype)
 
 
 def fingerprint(weight: torch.Tensor) -> str:
@@ -486,9 +633,10 @@ def _free_bytes(folder: str) -> int:
 
 
 class SVDCache:
-    """Decompositions keyed by weight fingerprint (and rank): memory LRU + optional disk store.
+    """Decompositions keyed by weight fingerprint (and rank), in compact form: memory LRU + disk store.
 
-    memory_limit: bytes of U, S, Vh kept in memory (least recently used out first).
+    memory_limit: bytes of compact factors kept in memory (least recently used out first; 0 keeps
+    none: every request is served from disk, which the OS page cache keeps in memory while it can).
     disk_dir: a folder for ``<fingerprint>[-r<rank>].safetensors`` files in compact form (None:
     no disk cache); disk_limit: bytes on disk, least recently used files out first; None lets
     :meth:`plan_disk` choose it per checkpoint from the free space (8 GiB until then).
@@ -506,30 +654,33 @@ class SVDCache:
         self.user_disk_limit = None if disk_limit is None else int(disk_limit)
         self.disk_limit = DEFAULT_DISK_LIMIT if disk_limit is None else int(disk_limit)
         self.algorithm = algorithm
-        self._mem: "OrderedDict[str, Decomposition]" = OrderedDict()
+        self._mem: "OrderedDict[str, CompactFactors]" = OrderedDict()
         self._mem_bytes = 0
         self._lock = threading.RLock()
         self._plans: dict = {}
         self.stats = {"memory_hits": 0, "disk_hits": 0, "computed": 0}
 
     # -- memory -------------------------------------------------------------
-    def _remember(self, key: str, dec: Decomposition) -> None:
+    def _remember(self, key: str, cf: CompactFactors) -> None:
         with self._lock:
             if key in self._mem:
                 self._mem.move_to_end(key)
                 return
-            self._mem[key] = dec
-            self._mem_bytes += dec.nbytes()
+            n = cf.nbytes()
+            if n > self.memory_limit:
+                return  # a budget of 0 keeps nothing: the disk tier (and the OS page cache) serve reloads
+            self._mem[key] = cf
+            self._mem_bytes += n
             while self._mem_bytes > self.memory_limit and len(self._mem) > 1:
                 _, old = self._mem.popitem(last=False)
                 self._mem_bytes -= old.nbytes()
 
-    def _recall(self, key: str) -> Optional[Decomposition]:
+    def _recall(self, key: str) -> Optional[CompactFactors]:
         with self._lock:
-            dec = self._mem.get(key)
-            if dec is not None:
+            cf = self._mem.get(key)
+            if cf is not None:
                 self._mem.move_to_end(key)
-            return dec
+            return cf
 
     @property
     def memory_bytes(self) -> int:
@@ -549,8 +700,8 @@ class SVDCache:
             return None
         return os.path.join(self.disk_dir, key[:2], key + ".safetensors")
 
-    def _load_disk(self, key: str, weight: torch.Tensor, device=None, j: Optional[int] = None) -> Optional[Decomposition]:
-        """The entry ``key`` expanded for ``weight`` (first ``j`` triplets), or None; damaged files are removed."""
+    def _load_disk(self, key: str, shape: tuple) -> Optional[CompactFactors]:
+        """The entry ``key`` for a weight of ``shape``, or None; damaged files are removed."""
         path = self._disk_path(key)
         if path is None or not os.path.isfile(path):
             return None
@@ -559,15 +710,11 @@ class SVDCache:
 
             d = load_file(path)
             if "V" in d:
-                dec = expand_compact(d, weight, device=device, j=j)
+                cf = CompactFactors.from_parts(d, shape)
             else:  # the full float16 U, Vh files of earlier versions
-                dec = Decomposition(d["U"], d["S"], d["Vh"], tuple(weight.shape))
-                k = num_singular_values(weight.shape)
-                if dec.U.shape != (weight.shape[0], k) or dec.S.shape != (k,) or dec.Vh.shape[0] != k:
-                    raise ValueError("cached factors have the wrong shape")
-                dec = dec.truncate(j or k)
+                cf = _legacy_entry(d, shape)
             os.utime(path)  # least-recently-used bookkeeping
-            return dec
+            return cf
         except Exception:
             try:
                 os.remove(path)  # a damaged cache entry is recomputed, never trusted
@@ -575,20 +722,22 @@ class SVDCache:
                 pass
             return None
 
-    def _store_disk(self, key: str, parts: dict) -> None:
+    def _store_disk(self, key: str, parts: dict) -> bool:
+        """Write one entry; False when there is no disk tier or it could not be written."""
         path = self._disk_path(key)
         if path is None or self.disk_limit <= 0:
-            return
+            return False
         from safetensors.torch import save_file
 
         from .fileio import atomic_write_via
 
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_write_via(path, lambda tmp: save_file(parts, tmp, metadata={"format": "svdiff-svd-compact-1"}), overwrite=True)
         except OSError:
-            return  # a full or read-only disk only costs a recomputation next time
+            return False  # a full or read-only disk only costs a recomputation next time
         self._trim_disk()
+        return os.path.isfile(path)
 
     def _disk_entries(self) -> list:
         entries = []
@@ -645,34 +794,99 @@ class SVDCache:
             self._trim_disk()
         return cap
 
-    # -- the entry point --------------------------------------------------------
-    def get(self, weight: torch.Tensor, device: Optional[torch.device] = None, fp: Optional[str] = None,
-            rank: int = 0) -> Decomposition:
-        """The decomposition of ``weight`` (an unpatched base weight), from cache when possible.
+    # -- the entry points -------------------------------------------------------
+    @staticmethod
+    def _key(fp: str, r: int) -> str:
+        return f"{fp}-r{r}" if r else fp
 
-        ``rank`` > 0 (and below min(m, n)): only the top ``rank`` triplets, cached under their
-        own key; a full entry in memory or on disk serves such a request too.
+    def _lookup(self, fp: str, r: int, shape: tuple) -> Optional[CompactFactors]:
+        """An entry for (fp, rank r) from memory or disk: its own, or the first r of a full one."""
+        key = self._key(fp, r)
+        for k_, trunc in ((key, 0), (fp, r)) if r else ((key, 0),):
+            cf = self._recall(k_)
+            if cf is not None:
+                self.stats["memory_hits"] += 1
+                return cf.truncate(trunc)
+        for k_, trunc in ((key, 0), (fp, r)) if r else ((key, 0),):
+            cf = self._load_disk(k_, shape)
+            if cf is not None:
+                self.stats["disk_hits"] += 1
+                self._remember(k_, cf)
+                return cf.truncate(trunc)
+        return None
+
+    def _keep(self, key: str, cf: CompactFactors) -> bool:
+        """Store a new entry (disk, then memory); whether it can be found again later."""
+        on_disk = self._store_disk(key, cf.parts())
+        self._remember(key, cf)
+        return on_disk or self._recall(key) is not None
+
+    def has(self, fp: str, shape: tuple, rank: int = 0) -> bool:
+        """Whether an entry for this weight (or a full one serving the rank) is in memory or on disk."""
+        r = effective_rank(shape, rank)
+        keys = (self._key(fp, r), fp) if r else (fp,)
+        with self._lock:
+            if any(k_ in self._mem for k_ in keys):
+                return True
+        return any(self._disk_path(k_) is not None and os.path.isfile(self._disk_path(k_)) for k_ in keys)
+
+    def compact(self, weight: torch.Tensor, device: Optional[torch.device] = None, fp: Optional[str] = None,
+                rank: int = 0) -> CompactFactors:
+        """The compact factors of ``weight`` (an unpatched base weight): memory, disk, or computed and kept."""
+        fp = fp or fingerprint(weight)
+        r = effective_rank(weight.shape, rank)
+        cf = self._lookup(fp, r, tuple(weight.shape))
+        if cf is None:
+            cf = compact_factors(weight, self.algorithm, device=device, rank=r)
+            self.stats["computed"] += 1
+            self._keep(self._key(fp, r), cf)
+        return cf
+
+    def ensure(self, weight: torch.Tensor, device: Optional[torch.device] = None, fp: Optional[str] = None,
+               rank: int = 0) -> Optional[CompactFactors]:
+        """Make the factors of ``weight`` available to a later :meth:`compact` without holding them.
+
+        Computes and stores them unless an entry exists.  Returns None when the cache can serve
+        them later, or the factors themselves when it cannot keep them (no disk tier and no room
+        in memory, or a failed write): the caller must then hold them.
         """
         fp = fp or fingerprint(weight)
         r = effective_rank(weight.shape, rank)
-        key = f"{fp}-r{r}" if r else fp
-        for k_, trunc in ((key, 0), (fp, r)) if r else ((key, 0),):
-            dec = self._recall(k_)
-            if dec is not None:
-                self.stats["memory_hits"] += 1
-                return dec.truncate(trunc)
-        dec = self._load_disk(key, weight, device)
-        if dec is None and r:
-            dec = self._load_disk(fp, weight, device, j=r)
-        if dec is not None:
-            self.stats["disk_hits"] += 1
-        else:
-            f = factors(weight, self.algorithm, device=device, rank=r)
-            dec = f.decomposition(tuple(weight.shape))
-            self.stats["computed"] += 1
-            self._store_disk(key, compact_parts(f))
-        self._remember(key, dec)
-        return dec
+        if self.has(fp, tuple(weight.shape), r):
+            return None
+        cf = compact_factors(weight, self.algorithm, device=device, rank=r)
+        self.stats["computed"] += 1
+        return None if self._keep(self._key(fp, r), cf) else cf
+
+    def get(self, weight: torch.Tensor, device: Optional[torch.device] = None, fp: Optional[str] = None,
+            rank: int = 0) -> Decomposition:
+        """The full :class:`Decomposition` (U, S, Vh) of ``weight``, from cache when possible.
+
+        ``rank`` > 0 (and below min(m, n)): only the top ``rank`` triplets, cached under their
+        own key; a full entry in memory or on disk serves such a request too.  A cached entry is
+        expanded through the weight (U = A V diag(1/sigma)); a new one is computed whole and kept
+        in compact form.
+        """
+        fp = fp or fingerprint(weight)
+        r = effective_rank(weight.shape, rank)
+        cf = self._lookup(fp, r, tuple(weight.shape))
+        if cf is not None:
+            return cf.expand(weight, device)
+        f = factors(weight, self.algorithm, device=device, rank=r)
+        self.stats["computed"] += 1
+        self._keep(self._key(fp, r), CompactFactors.of(f, tuple(weight.shape)))
+        return f.decomposition(tuple(weight.shape))
+
+
+def _legacy_entry(d: dict, shape: tuple) -> CompactFactors:
+    """The compact form of an earlier version's file (float16 U and Vh of W)."""
+    U, S, Vh = d["U"], d["S"], d["Vh"]
+    k = num_singular_values(shape)
+    if U.shape != (shape[0], k) or S.shape != (k,) or Vh.shape[0] != k:
+        raise ValueError("cached factors have the wrong shape")
+    transpose = tall_shape(shape)[1]
+    Ua, Va = (Vh.t(), U) if transpose else (U, Vh.t())
+    return CompactFactors.of(TallFactors(Ua.float(), S.float(), Va.float(), transpose), shape)
 
 
 def time_decompositions(weights, algorithm: str) -> float:

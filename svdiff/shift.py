@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .decompose import Decomposition, num_singular_values
+from .decompose import CompactFactors, Decomposition, as_matrix, num_singular_values, row_blocks
 
 
 def is_spectral_shape(shape) -> bool:
@@ -73,6 +73,60 @@ def spectral_residual(dec: Decomposition, delta: torch.Tensor, strength: float =
     U = dec.U[:, :r].to(device=device, dtype=torch.float32)
     Vh = dec.Vh[:r].to(device=device, dtype=torch.float32)
     return ((U * change) @ Vh).reshape(dec.shape)
+
+
+def compact_residual(cf: CompactFactors, delta: torch.Tensor, strength: float, weight: torch.Tensor,
+                     device=None) -> torch.Tensor:
+    """Eq. 2's residual U diag(h) V^T, h = ReLU(sigma + s*delta) - sigma, from compact factors.
+
+    With A the tall form of W (W, or W^T when W is wide) and U = A V diag(1/sigma) for the first
+    ``cf.head`` directions (the columns of U the cache does not keep), the residual of A is
+
+        R_A = A (V_t diag(h_t / sigma_t) V_t^T) + U_tail diag(h_tail) V_tail^T,
+
+    so W' = W + R needs only sigma, the small square factor V and the weight itself: no tall
+    factor is formed.  A is read in blocks of rows (columns of W when it is wide), each cast to
+    float32 on ``device``, so the only weight-sized tensor is the residual itself.  Only the
+    first len(delta) directions change (a rank-r shift costs about 2 m n r, not m n k).
+    Returns the residual in float32, shaped like the weight; exactly zero where delta is.
+    """
+    if tuple(weight.shape) != tuple(cf.shape):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match the factors' {tuple(cf.shape)}")
+    d = delta.to(device=device, dtype=torch.float32)
+    j = int(d.shape[0])
+    if j > cf.rank:
+        raise ValueError(f"delta has {j} entries but the weight has only {cf.rank} singular values")
+    cf = cf.truncate(j)
+    S = cf.S.to(device=device, dtype=torch.float32)
+    V = cf.V.to(device=device, dtype=torch.float32)
+    h = torch.relu(S + strength * d) - S
+    t = cf.head
+    W = as_matrix(weight.detach())
+    out = torch.zeros(W.shape, dtype=torch.float32, device=S.device)
+    if t:
+        _add_head_residual(out, W, V[:, :t], h[:t] / S[:t], cf.transpose)
+    if t < j:
+        T = cf.U_tail.to(device=S.device, dtype=torch.float32) * h[t:]
+        out += (V[:, t:] @ T.t()) if cf.transpose else (T @ V[:, t:].t())
+    return out.reshape(weight.shape)
+
+
+def _add_head_residual(out: torch.Tensor, W: torch.Tensor, Vt: torch.Tensor, g: torch.Tensor, transpose: bool) -> None:
+    """out += W M (tall W) or M W (wide W), M = Vt diag(g) Vt^T, by blocks of W cast to float32.
+
+    For few directions (2 t < k) the product goes through the k x t factors instead of M.
+    """
+    k, t = Vt.shape
+    B = Vt * g
+    M = B @ Vt.t() if 2 * t >= k else None
+    if not transpose:
+        for rows in row_blocks(W.shape[0], W.shape[1], itemsize=4):
+            blk = W[rows].to(device=out.device, dtype=torch.float32)
+            out[rows] = blk @ M if M is not None else (blk @ B) @ Vt.t()
+        return
+    for cols in row_blocks(W.shape[1], W.shape[0], itemsize=4):
+        blk = W[:, cols].to(device=out.device, dtype=torch.float32)
+        out[:, cols] = M @ blk if M is not None else Vt @ (B.t() @ blk)
 
 
 def apply_spectral_shift(

@@ -211,8 +211,9 @@ def test_svd_cache_memory_and_disk(tmp_path):
     cache = D.SVDCache(memory_limit=1 << 20, disk_dir=str(tmp_path / "c"), disk_limit=1 << 30)
     w = rand(64, 32)
     a = cache.get(w)
-    b = cache.get(w.clone())  # same content -> same entry
-    assert a is b and cache.stats == {"memory_hits": 1, "disk_hits": 0, "computed": 1}
+    b = cache.get(w.clone())  # same content -> same entry (kept compact, expanded through the weight)
+    assert cache.stats == {"memory_hits": 1, "disk_hits": 0, "computed": 1}
+    assert torch.equal(b.S, a.S) and torch.equal(b.Vh, a.Vh) and (b.U.float() - a.U.float()).abs().max() < 1e-3
     cache.clear_memory()
     c = cache.get(w)
     # the disk keeps sigma and the small square factor; the other factor is recomputed (W V / sigma),
@@ -220,10 +221,14 @@ def test_svd_cache_memory_and_disk(tmp_path):
     assert cache.stats["disk_hits"] == 1 and torch.equal(c.S, a.S) and torch.equal(c.Vh, a.Vh)
     assert (c.U.float() - a.U.float()).abs().max() < 1e-3
     # memory stays bounded: least recently used out first
-    small = D.SVDCache(memory_limit=a.nbytes() * 2 + 1)
+    one = D.compact_factors(w).nbytes()
+    small = D.SVDCache(memory_limit=one * 2 + 1)
     for i in range(5):
         small.get(rand(64, 32, seed=10 + i))
-    assert len(small) == 2 and small.memory_bytes <= a.nbytes() * 2 + 1
+    assert len(small) == 2 and small.memory_bytes <= one * 2 + 1
+    none = D.SVDCache(memory_limit=0)  # no memory tier: nothing kept (a disk cache serves reloads)
+    none.get(w)
+    assert len(none) == 0 and none.memory_bytes == 0
     # a damaged disk entry is recomputed, not trusted
     cache.clear_memory()
     path = cache._disk_path(D.fingerprint(w))

@@ -167,7 +167,8 @@ def test_rank_entries_are_cached_per_rank_and_served_from_a_full_entry(tmp_path)
     cache = D.SVDCache(disk_dir=str(tmp_path))
     r8 = cache.get(w, rank=8)
     assert r8.rank == 8 and cache.stats["computed"] == 1
-    assert cache.get(w, rank=8) is r8 and cache.stats["memory_hits"] == 1
+    hit = cache.get(w, rank=8)  # expanded from the compact entry in memory
+    assert cache.stats["memory_hits"] == 1 and rel(hit.reconstruct(), r8.reconstruct()) < 2e-3
     cache.clear_memory()
     again = cache.get(w, rank=8)
     assert cache.stats["disk_hits"] == 1 and torch.allclose(again.S, r8.S)
@@ -176,7 +177,8 @@ def test_rank_entries_are_cached_per_rank_and_served_from_a_full_entry(tmp_path)
     full = cache.get(w)
     assert full.rank == 240 and cache.stats["computed"] == 3
     via_full = cache.get(w, rank=4)  # served from the full entry in memory
-    assert via_full.rank == 4 and cache.stats["computed"] == 3 and via_full.U.data_ptr() == full.U.data_ptr()
+    assert via_full.rank == 4 and cache.stats["computed"] == 3 and cache.stats["memory_hits"] == 2
+    assert torch.equal(via_full.S, full.S[:4])
     cache.clear_memory()
     from_disk = cache.get(w, rank=5)  # no rank-5 file: the first 5 of the full file on disk
     assert from_disk.rank == 5 and cache.stats["computed"] == 3
@@ -194,8 +196,9 @@ def test_files_of_earlier_versions_still_load(tmp_path):
 
     os.makedirs(os.path.dirname(path))
     save_file({"U": dec.U, "S": dec.S, "Vh": dec.Vh}, path)
-    got = cache.get(w)
-    assert cache.stats["disk_hits"] == 1 and torch.equal(got.U, dec.U) and torch.equal(got.Vh, dec.Vh)
+    got = cache.get(w)  # read into the compact form (V from the float16 factor; U recomputed)
+    assert cache.stats["disk_hits"] == 1 and torch.equal(got.S, dec.S)
+    assert rel(got.reconstruct(), dec.reconstruct()) < 2e-3
     cache.clear_memory()
     assert cache.get(w, rank=3).rank == 3 and cache.stats["disk_hits"] == 2
 
@@ -247,3 +250,94 @@ def test_truncated_route_gives_up_early_when_its_residuals_cannot_reach_the_tole
     finally:
         D._may_converge = orig
     assert len(calls) < 40  # gave up long before the 50 + 108 iterations of the two phases' budgets
+
+
+# -- streamed load: the compact route and the residual through the weight ---------------------
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (24, 8, 3, 3), (12, 40, 1, 1)])
+def test_compact_route_gives_gram64s_sigma_and_v_without_the_tall_factor(shape):
+    w = rand(*shape, seed=3)
+    D.ROUTE_COUNTS.clear()
+    cf = D.compact_factors(w)
+    assert D.ROUTE_COUNTS == {"gram64(compact)": 1} and cf.U_tail is None
+    f = D.factors(w, "gram64")
+    assert torch.equal(cf.S, f.S.float()) and torch.equal(cf.V, f.Va.float())
+    (p, k), transpose = D.tall_shape(shape)
+    assert cf.V.shape == (k, k) and cf.transpose == transpose and cf.shape == tuple(shape)
+    assert rel(cf.expand(w, storage_dtype=torch.float32).reconstruct(), w) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (24, 8, 3, 3)])
+@pytest.mark.parametrize("strength", [1.0, 0.4, -1.5])
+def test_residual_through_the_weight_equals_eq2_residual(shape, strength):
+    w = rand(*shape, seed=4)
+    ref = D.decompose(w, "svd", storage_dtype=torch.float32)
+    cf = D.compact_factors(w)
+    delta = rand(ref.rank, seed=5) * float(ref.S.mean()) * 0.4
+    got = S.compact_residual(cf, delta, strength, w)
+    want = S.spectral_residual(ref, delta, strength)
+    assert got.shape == w.shape and rel(got, want) < 1e-4
+    assert torch.equal(S.compact_residual(cf, torch.zeros(ref.rank), strength, w), torch.zeros_like(w))
+    # a rank-4 shift changes the top 4 directions only; the k x r order of products is taken
+    assert rel(S.compact_residual(cf, delta[:4], strength, w), S.spectral_residual(ref, delta[:4], strength)) < 1e-4
+    # float16 weights are read block by block in float32: the same residual as their float32 copy
+    h = w.half()
+    assert torch.equal(S.compact_residual(cf, delta, strength, h), S.compact_residual(cf, delta, strength, h.float()))
+
+
+def test_residual_through_the_weight_uses_the_kept_tail_for_small_and_null_directions():
+    for w in (rand(40, 6) @ rand(6, 24, seed=1), (rand(6, 40).t() @ rand(6, 24, seed=1)).t().contiguous()):
+        cf = D.compact_factors(w)  # null directions: the full route completes U, the tail is kept
+        assert cf.head == 6 and cf.U_tail is not None and cf.U_tail.shape[1] == 18
+        ref = D.decompose(w, "gram64", storage_dtype=torch.float32)
+        delta = rand(24, seed=2) * 0.3
+        assert rel(S.compact_residual(cf, delta, 1.0, w), S.spectral_residual(ref, delta)) < 1e-3  # float16 tail
+    with pytest.raises(ValueError, match="singular values"):
+        S.compact_residual(cf, torch.zeros(25), 1.0, w)
+    with pytest.raises(ValueError, match="shape"):
+        S.compact_residual(cf, torch.zeros(24), 1.0, w.t())
+
+
+def test_residual_blocks_bound_the_float32_copies(monkeypatch):
+    """No float32 copy of the whole weight: blocks of rows (columns of a wide weight) are cast."""
+    w = rand(300, 20, seed=6).half()
+    cf = D.compact_factors(w)
+    delta = rand(20, seed=7)
+    whole = S.compact_residual(cf, delta, 1.0, w)
+    seen = []
+    real = torch.Tensor.to
+
+    def spy(t, *a, **k):
+        out = real(t, *a, **k)
+        if out.dtype == torch.float32 and t.dtype == torch.float16 and t.ndim == 2:
+            seen.append(tuple(t.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    monkeypatch.setattr(S, "row_blocks", lambda r, c, itemsize=4: D.row_blocks(r, c, 20 * 4 * 7, itemsize))  # 7 rows a block
+    blocked = S.compact_residual(cf, delta, 1.0, w)
+    assert seen and max(s[0] for s in seen) == 7 and torch.allclose(blocked, whole, atol=1e-6)
+
+
+def test_ensure_stores_without_holding_and_hands_back_what_it_cannot_store(tmp_path):
+    w = rand(64, 32, seed=8)
+    fp = D.fingerprint(w)
+    streamed = D.SVDCache(memory_limit=0, disk_dir=str(tmp_path / "c"))
+    assert streamed.ensure(w, fp=fp) is None and streamed.stats["computed"] == 1
+    assert len(streamed) == 0 and streamed.has(fp, tuple(w.shape))
+    assert streamed.ensure(w, fp=fp) is None and streamed.stats["computed"] == 1  # found on disk: nothing done
+    got = streamed.compact(w, fp=fp)
+    assert streamed.stats["disk_hits"] == 1 and torch.equal(got.S, D.compact_factors(w).S)
+    nowhere = D.SVDCache(memory_limit=0, disk_dir=None)  # no disk, no memory tier: the caller must hold them
+    kept = nowhere.ensure(w, fp=fp)
+    assert isinstance(kept, D.CompactFactors) and len(nowhere) == 0
+    in_memory = D.SVDCache(memory_limit=1 << 20, disk_dir=None)
+    assert in_memory.ensure(w, fp=fp) is None and len(in_memory) == 1
+
+
+@pytest.mark.parametrize("shape", [(700, 300), (90, 40), (2000, 1100)])
+def test_block_triangular_gram_is_a_t_a_and_exactly_symmetric(shape):
+    a = rand(*shape, seed=9)
+    G = D.gram64_matrix(a)
+    ref = a.double().t() @ a.double()
+    assert G.dtype == torch.float64 and torch.equal(G, G.t())
+    assert float((G - ref).abs().max() / ref.abs().max()) < 1e-14
