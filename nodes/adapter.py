@@ -125,8 +125,10 @@ RESIDUAL_BUDGET = _ResidualBudget()
 class _ResidualCache:
     """Per-adapter store of the last residual: (device, dtype, strength) -> tensor.
 
-    Filled on the second identical request (so a normal one-off patch costs no memory),
-    within a global byte budget (SVDIFF_RESIDUAL_CACHE_MB).
+    Used only while ComfyUI patches the adapter's weight on every forward pass (its source's
+    ``cache_residuals``, set at load by :func:`merge_shifted_lowvram_weights`): filled on the
+    second identical request, within a global byte budget (SVDIFF_RESIDUAL_CACHE_MB).  Loads and
+    reloads that patch a weight once leave it empty.
     """
 
     def __init__(self):
@@ -137,6 +139,12 @@ class _ResidualCache:
 
     def get(self, key):
         return self.entries.get(key)
+
+    def clear(self) -> None:
+        RESIDUAL_BUDGET.give(self.bytes)
+        self._fin.detach()
+        self._fin = weakref.finalize(self, RESIDUAL_BUDGET.give, 0)
+        self.entries, self.seen, self.bytes = {}, set(), 0
 
     def offer(self, key, value: torch.Tensor) -> None:
         if key not in self.seen:
@@ -185,6 +193,7 @@ class FactorSource:
         self.shape = tuple(shape)
         self.request = int(request)  # the rank asked of the cache (the length of the shift's delta)
         self.kept = kept
+        self.cache_residuals = False  # set while ComfyUI patches this weight on every forward
 
     @property
     def rank(self) -> int:
@@ -207,6 +216,7 @@ class HeldDecomposition:
 
     def __init__(self, dec: Decomposition):
         self.dec = dec
+        self.cache_residuals = False
 
     @property
     def rank(self) -> int:
@@ -261,7 +271,8 @@ class SpectralShiftAdapter(WeightAdapterBase):
         else:
             res = self.source.residual(self.delta, strength, device)
         res = res.to(dtype)
-        self._cache.offer(key, res.to("cpu") if res.device.type != "cpu" else res)
+        if self.source is not None and self.source.cache_residuals:
+            self._cache.offer(key, res.to("cpu") if res.device.type != "cpu" else res)
         return res
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
@@ -506,11 +517,14 @@ def merge_shifted_lowvram_weights(patcher, device_to, lowvram_model_memory, forc
     the weight lives (``patch_weight_to_device``: the original is kept in the patcher's backup
     and restored by ``unpatch_model``; nothing is written into the base tensor) and streamed
     like any weight.  SVDIFF_LOWVRAM_MERGE=0 keeps ComfyUI's per-forward path.
+    Where patches stay per forward (SVDIFF_LOWVRAM_MERGE=0, or 0.33's dynamic VRAM), the
+    adapters keep their residuals (:class:`_ResidualCache`); after any other load they keep none.
     Returns the number of weights merged.
     """
-    if full_load or force_patch_weights or not pack_settings.current().lowvram_merge:
-        return 0
-    if compat.is_dynamic(patcher):
+    once = full_load or force_patch_weights
+    merge = pack_settings.current().lowvram_merge and not compat.is_dynamic(patcher)
+    _cache_residuals(patcher, not once and not merge)
+    if once or not merge:
         return 0  # dynamic VRAM (0.33) streams and patches weights itself; there is no LowVramPatch to merge
     merged = 0
     for name, m in patcher.model.named_modules():
@@ -520,6 +534,17 @@ def merge_shifted_lowvram_weights(patcher, device_to, lowvram_model_memory, forc
         if any(isinstance(p[1], SpectralShiftAdapter) for p in compat.key_patches(patcher, key)):
             merged += compat.merge_lowvram_weight(patcher, m, key)
     return merged
+
+
+def _cache_residuals(patcher, on: bool) -> None:
+    """Switch the residual cache of ``patcher``'s spectral-shift adapters on or off (off empties it)."""
+    for lst in compat.all_key_patches(patcher).values():
+        for p in lst:
+            a = p[1]
+            if isinstance(a, SpectralShiftAdapter) and a.source is not None:
+                a.source.cache_residuals = on
+                if not on:
+                    a._cache.clear()
 
 
 def patch_with_shift(patcher, shift: SpectralShift, strength: float, node: str, source: str, prefix: Optional[str] = None,

@@ -100,3 +100,27 @@ def test_without_any_cache_tier_the_adapters_keep_compact_factors(tiny, monkeypa
     got = patched_state(m)[KEY].float()
     assert float((got - want).norm() / (want - mp.model.state_dict()[KEY]).norm()) < 1e-4
     assert ad.svd_cache().stats["computed"] == 1
+
+
+def test_residuals_are_kept_only_while_comfyui_patches_every_forward(tiny, streamed, monkeypatch):
+    from .test_adapter_comfy import _lowvram_out
+
+    ad, cache, _, _ = streamed
+    shifts = pack_module("nodes.shifts")
+    settings = pack_module("nodes.settings")
+    mp, _ = tiny
+    sh = random_shift(mp, 0.3, seed=14)
+    m, _ = shifts.apply_shift("test", mp, None, sh, 1.0, 1.0, "per-forward")
+    adapters = [p[0][1] for p in m.patches.values() if p[0][1].source is not None]
+    used0 = ad.RESIDUAL_BUDGET.used
+    patched_state(m), patched_state(m)  # a load and a reload: each weight patched once, nothing kept
+    assert all(not a._cache.entries for a in adapters) and ad.RESIDUAL_BUDGET.used == used0
+    monkeypatch.setenv("SVDIFF_LOWVRAM_MERGE", "0")  # ComfyUI's per-forward low-VRAM path
+    monkeypatch.setattr(settings, "_CURRENT", None)
+    outs = [_lowvram_out(m) for _ in range(2)]
+    assert all(a._cache.entries for a in adapters) and ad.RESIDUAL_BUDGET.used > used0
+    hits = cache.stats["disk_hits"]
+    outs.append(_lowvram_out(m))  # served from the kept residuals: no factors read
+    assert cache.stats["disk_hits"] == hits and torch.equal(outs[2], outs[1]) and torch.allclose(outs[0], outs[1])
+    patched_state(m)  # an ordinary load again: the residuals are given back
+    assert all(not a._cache.entries for a in adapters) and ad.RESIDUAL_BUDGET.used == used0
