@@ -2,9 +2,10 @@
 
 Issue 16, item 7: one Flux.1 double-stream block and one single-stream block at their real
 sizes (hidden 3072, 24 heads, MLP ratio 4; ComfyUI's own classes from ``comfy.ldm.flux.layers``,
-random weights), every matrix decomposed cold with the pack's route and, in the same run, the
-rank-64 truncated route; per layer: shape, seconds, U+V bytes (fp16, what a full decomposition
-holds), the compact cache bytes.  The whole of Flux-dev has 19 double and 38 single blocks (plus
+random weights), every matrix decomposed cold with the route a load runs (``compact_factors``:
+sigma and the small square factor, what the cache stores; the streamed load never forms U) and,
+in the same run, the rank-64 truncated route; per layer: shape, seconds, U+V bytes (fp16, what a
+full decomposition would hold, e.g. for training), the compact cache bytes.  The whole of Flux-dev has 19 double and 38 single blocks (plus
 input/output layers that are small next to them), so the table extrapolates the two blocks by
 those counts.  ``torch.linalg.svd`` on the largest matrix gives the baseline ratio in the same
 run.  No GPU: on this 2-core CPU this takes a few minutes.
@@ -41,19 +42,21 @@ def blocks():
     return d, s
 
 
-def measure(block, label: str, decompose, compact_nbytes) -> list:
+def measure(block, label: str) -> list:
+    from svdiff.decompose import compact_factors, compact_nbytes, decompose, num_singular_values
+
     rows = []
     for name, p in block.named_parameters():
         if p.ndim < 2:
             continue
         w = p.detach()
         t0 = time.perf_counter()
-        dec = decompose(w, algorithm="gram")
+        compact_factors(w)
         t_full = time.perf_counter() - t0
         t0 = time.perf_counter()
-        decompose(w, algorithm="gram", rank=64)
+        decompose(w, rank=64)
         t_r64 = time.perf_counter() - t0
-        uv = (dec.U.numel() + dec.Vh.numel()) * 2
+        uv = (w.shape[0] + w[0].numel()) * num_singular_values(w.shape) * 2
         rows.append((f"{label}.{name}", tuple(w.shape), t_full, t_r64, uv, compact_nbytes(tuple(w.shape))))
     return rows
 
@@ -61,13 +64,13 @@ def measure(block, label: str, decompose, compact_nbytes) -> list:
 def main() -> None:
     boot()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from svdiff.decompose import compact_nbytes, decompose
+    from svdiff.decompose import compact_factors
 
     print(machine_line("before"))
     if HIDDEN != 3072:
         print(f"SMOKE RUN: hidden {HIDDEN}, not Flux's 3072; the extrapolation below is not Flux-dev's")
     d, s = blocks()
-    rows = measure(d, "double", decompose, compact_nbytes) + measure(s, "single", decompose, compact_nbytes)
+    rows = measure(d, "double") + measure(s, "single")
     print(f"{'layer':42s} {'shape':>16s} {'full s':>8s} {'r=64 s':>8s} {'U+V fp16':>10s} {'cache':>10s}")
     for name, shape, tf, tr, uv, cb in rows:
         print(f"{name:42s} {str(shape):>16s} {tf:8.2f} {tr:8.2f} {uv / 2**20:8.1f}Mi {cb / 2**20:8.1f}Mi")
@@ -85,7 +88,7 @@ def main() -> None:
     torch.linalg.svd(biggest.float(), full_matrices=False)
     t_svd = time.perf_counter() - t0
     t0 = time.perf_counter()
-    decompose(biggest, algorithm="gram")
+    compact_factors(biggest)
     t_gram = time.perf_counter() - t0
     print(f"\nlargest matrix {tuple(biggest.shape)}: torch.linalg.svd {t_svd:.2f} s, pack route {t_gram:.2f} s "
           f"(ratio {t_svd / t_gram:.2f}x, same run)")

@@ -864,18 +864,10 @@ class SVDCache:
 
         ``rank`` > 0 (and below min(m, n)): only the top ``rank`` triplets, cached under their
         own key; a full entry in memory or on disk serves such a request too.  A cached entry is
-        expanded through the weight (U = A V diag(1/sigma)); a new one is computed whole and kept
-        in compact form.
+        expanded through the weight (U = A V diag(1/sigma), one float32 product); a new one is
+        computed in compact form (:func:`compact_factors`), kept, and expanded the same way.
         """
-        fp = fp or fingerprint(weight)
-        r = effective_rank(weight.shape, rank)
-        cf = self._lookup(fp, r, tuple(weight.shape))
-        if cf is not None:
-            return cf.expand(weight, device)
-        f = factors(weight, self.algorithm, device=device, rank=r)
-        self.stats["computed"] += 1
-        self._keep(self._key(fp, r), CompactFactors.of(f, tuple(weight.shape)))
-        return f.decomposition(tuple(weight.shape))
+        return self.compact(weight, device=device, fp=fp, rank=rank).expand(weight, device)
 
 
 def _legacy_entry(d: dict, shape: tuple) -> CompactFactors:
