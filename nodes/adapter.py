@@ -168,6 +168,9 @@ class _BaseView:
         self.backup = getattr(patcher, "backup", {})
         self.hook_backup = getattr(patcher, "hook_backup", {})
 
+    def __deepcopy__(self, memo):
+        return self  # a view of the shared base model: copies of a patch list refer to the same one
+
     @property
     def model(self):
         m = self._model()

@@ -26,7 +26,9 @@ A rank-r request (appendix E.1: only the top r singular values are shifted) uses
 :func:`truncated_factors`: subspace iteration on A^T A with oversampling and a Rayleigh-Ritz
 step per iteration, stopped when every top-r triplet has a residual ||A^T u - sigma v|| below
 ``TRUNCATED_TOL`` sigma_1 (the triplets are then exact for a weight within that relative
-distance), or done as a full decomposition when it does not converge within a cost budget.
+distance); when the products with A converge too slowly it goes on with the float64 Gram
+matrix, and when that does not converge within about an eigendecomposition's cost it takes the
+top r of that Gram matrix's full eigendecomposition (the full route, without a second product).
 
 The cache stores only what cannot be cheaply recomputed (:class:`CompactFactors`): sigma
 and the small square factor (k x k, float32), plus the few columns of the tall factor whose
@@ -334,7 +336,7 @@ def _ritz_step(X: torch.Tensor, Z: torch.Tensor, r: int) -> tuple:
 
 
 def truncated_factors(a: torch.Tensor, r: int, oversample: Optional[int] = None, tol: float = TRUNCATED_TOL,
-                      max_iter: Optional[int] = None) -> Optional[tuple]:
+                      max_iter: Optional[int] = None, fallback: bool = False) -> Optional[tuple]:
     """The top ``r`` singular triplets (U, sigma, V) of tall A (p x k) by subspace iteration, or None.
 
     A block of b = r + oversample orthonormal vectors Z is iterated as Z <- orth(A^T A Z) in
@@ -343,9 +345,11 @@ def truncated_factors(a: torch.Tensor, r: int, oversample: Optional[int] = None,
     2011, Alg. 4.4 with Rayleigh-Ritz: the triplets are then exact for a matrix within about tol
     of A, relatively).  Phase 1 multiplies by A and A^T (2 p k b per iteration).  When its
     residuals fall too slowly to converge within ``max_iter`` (default: about half the cost of a
-    full decomposition, k // (2 b)), phase 2 forms the Gram matrix A^T A once (p k^2) and goes on
-    with k x b products, up to about the cost of the full route's eigendecomposition.  None when
-    that does not converge either (or A has fewer than r non-zero singular values).
+    full decomposition, k // (2 b)), phase 2 forms the float64 Gram matrix A^T A once (what the
+    full route forms too) and goes on with k x b products, up to about the cost of an
+    eigendecomposition.  When that does not converge either: None, or with ``fallback`` the top r
+    of the full eigendecomposition of that same Gram matrix (no second Gram product).  None also
+    when A has fewer than r non-zero singular values.
     """
     a = a.float()
     k = a.shape[1]
@@ -364,19 +368,23 @@ def truncated_factors(a: torch.Tensor, r: int, oversample: Optional[int] = None,
         Z, _ = torch.linalg.qr(X @ E)
         if not _may_converge(history, tol, max_iter - it - 1):
             break
-    return _truncated_gram_phase(a, Z, r, tol, max(8, (9 * k) // (2 * b)))
+    G = gram64_matrix(a)
+    f = _truncated_gram_phase(a, G, Z.double(), r, tol, max(4, (3 * k) // b))
+    if f is None and fallback:
+        f = _top_from_gram(a, G, r)
+    return f
 
 
-def _truncated_gram_phase(a: torch.Tensor, Z: torch.Tensor, r: int, tol: float, max_iter: int) -> Optional[tuple]:
-    """Phase 2 of :func:`truncated_factors`: the same iteration on the formed Gram matrix G = A^T A."""
-    G = a.t() @ a
+def _truncated_gram_phase(a: torch.Tensor, G: torch.Tensor, Z: torch.Tensor, r: int, tol: float,
+                          max_iter: int) -> Optional[tuple]:
+    """Phase 2 of :func:`truncated_factors`: the same iteration on the float64 Gram matrix G = A^T A."""
     history: list = []
     for it in range(max_iter):
         X = G @ Z
         E, S, V, res = _ritz_step(X, Z, r)
         if res <= tol:
             ROUTE_COUNTS["truncated(gram phase)"] += 1
-            return _sorted_one_sided(a, V)
+            return _sorted_one_sided(a, V.float())
         if res == float("inf"):
             return None
         history.append(res)
@@ -384,6 +392,22 @@ def _truncated_gram_phase(a: torch.Tensor, Z: torch.Tensor, r: int, tol: float, 
             return None
         Z, _ = torch.linalg.qr(X @ E)
     return None
+
+
+def _top_from_gram(a: torch.Tensor, G: torch.Tensor, r: int) -> Optional[tuple]:
+    """The top ``r`` triplets from the full eigendecomposition of the float64 Gram matrix G = A^T A
+    (what the full route computes; U = A V diag(1/sigma) for those r only); None where A has
+    numerically null directions among them."""
+    evals, evecs = torch.linalg.eigh(G)
+    S = evals.flip(0)[:r].clamp_min(0).sqrt()
+    V = evecs.flip(1)[:, :r]
+    if not float(S[0]) > 0 or bool((S <= S[0] * GRAM64_NULL_RATIO).any()):
+        return None
+    U = torch.empty(a.shape[0], r, dtype=torch.float64, device=a.device)
+    for rows in row_blocks(a.shape[0], a.shape[1]):
+        U[rows] = a[rows].double() @ V
+    ROUTE_COUNTS["truncated->eigh"] += 1
+    return U / S, S, V
 
 
 def _may_converge(history: list, tol: float, left: int) -> bool:
@@ -420,7 +444,7 @@ def factors(weight: torch.Tensor, algorithm: str = "gram64", device: Optional[to
     r = effective_rank(weight.shape, rank)
     f = None
     if r and algorithm in ("gram", "gram64") and use_truncated(a.shape[1], r):
-        f = truncated_factors(a, r)
+        f = truncated_factors(a, r, fallback=True)
         ROUTE_COUNTS["truncated" if f is not None else "truncated->full"] += 1
     if f is None:
         U, S, V = ALGORITHMS[algorithm](a)

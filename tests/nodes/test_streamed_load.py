@@ -124,3 +124,17 @@ def test_residuals_are_kept_only_while_comfyui_patches_every_forward(tiny, strea
     assert cache.stats["disk_hits"] == hits and torch.equal(outs[2], outs[1]) and torch.allclose(outs[0], outs[1])
     patched_state(m)  # an ordinary load again: the residuals are given back
     assert all(not a._cache.entries for a in adapters) and ad.RESIDUAL_BUDGET.used == used0
+
+
+def test_patches_with_a_streamed_source_survive_a_deep_copy(tiny, streamed):
+    import copy
+
+    _, _, _, _ = streamed
+    shifts = pack_module("nodes.shifts")
+    mp, _ = tiny
+    m, _ = shifts.apply_shift("test", mp, None, random_shift(mp, 0.3, seed=15, keys=[KEY]), 1.0, 1.0, "copy")
+    a = m.patches[KEY][0][1]
+    b = copy.deepcopy(a)  # e.g. a pack that deep-copies a patch list: the view of the model is shared
+    assert b.source.view is a.source.view and b.source.view.model is mp.model
+    w = mp.model.state_dict()[KEY].detach().float()
+    assert torch.equal(b.calculate_weight(w.clone(), KEY, 1.0, 1.0, None, None), a.calculate_weight(w.clone(), KEY, 1.0, 1.0, None, None))
