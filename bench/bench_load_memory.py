@@ -29,7 +29,7 @@ _common.boot()
 import torch  # noqa: E402
 from svdiff_testkit.comfy_env import pack_module  # noqa: E402
 from svdiff_testkit.memory import rss_mb  # noqa: E402
-from svdiff.decompose import num_singular_values  # noqa: E402
+from svdiff.decompose import tall_shape  # noqa: E402
 from svdiff.shift import SpectralShift, delta_length  # noqa: E402
 
 ad = pack_module("nodes.adapter")
@@ -98,8 +98,9 @@ def main() -> None:
     shapes = ad.shiftable_shapes(mp, "diffusion_model.")
     g = torch.Generator().manual_seed(0)
     sh = SpectralShift({k: torch.randn(delta_length(s), generator=g) * 0.01 for k, s in shapes.items()}, shapes, {})
-    mats = sorted((s for s in shapes.values() if len(s) >= 2), key=lambda s: -(s[0] + _n(s)) * num_singular_values(s))
-    two_largest = sum((s[0] + _n(s)) * num_singular_values(s) * 2 for s in mats[:2]) / 2**20
+    # U + V of a matrix whose tall form is p x k: (p + k) k values
+    uv = sorted(((p + k) * k for (p, k), _ in (tall_shape(s) for s in shapes.values() if len(s) >= 2)), reverse=True)
+    two_largest = sum(uv[:2]) * 2 / 2**20
     x = torch.randn(1, 4, 32, 32, generator=g).half()
     ctx = torch.randn(1, 77, 768, generator=g).half()
     model_mb = sum(v.numel() * v.element_size() for v in mp.model.state_dict().values()) / 2**20
@@ -148,13 +149,6 @@ def main() -> None:
         print(f"item 2 goal, {label.split(' (')[0]}: peak extra over the LoRA load <= factors of the two largest "
               f"layers: {'met' if extra <= two_largest else 'not met'} ({extra:+.0f} vs {two_largest:.0f} MiB)")
     print(_common.machine_line("after"))
-
-
-def _n(shape) -> int:
-    n = 1
-    for s in shape[1:]:
-        n *= int(s)
-    return n
 
 
 def _attach_and_load(shifts_mod, mp, sh):

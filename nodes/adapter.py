@@ -140,11 +140,15 @@ class _ResidualCache:
     def get(self, key):
         return self.entries.get(key)
 
+    def _rearm(self) -> None:
+        """Give back ``self.bytes`` of the budget when this cache is collected."""
+        self._fin.detach()
+        self._fin = weakref.finalize(self, RESIDUAL_BUDGET.give, self.bytes)
+
     def clear(self) -> None:
         RESIDUAL_BUDGET.give(self.bytes)
-        self._fin.detach()
-        self._fin = weakref.finalize(self, RESIDUAL_BUDGET.give, 0)
         self.entries, self.seen, self.bytes = {}, set(), 0
+        self._rearm()
 
     def offer(self, key, value: torch.Tensor) -> None:
         if key not in self.seen:
@@ -154,8 +158,7 @@ class _ResidualCache:
         if RESIDUAL_BUDGET.take(n):
             self.entries[key] = value
             self.bytes += n
-            self._fin.detach()
-            self._fin = weakref.finalize(self, RESIDUAL_BUDGET.give, self.bytes)
+            self._rearm()
 
 
 class _BaseView:

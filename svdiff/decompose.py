@@ -73,13 +73,19 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 def num_singular_values(shape) -> int:
     """min(m, n) of the reshaped matrix of a kernel of this shape."""
+    return tall_shape(shape)[0][1]
+
+
+def tall_shape(shape) -> tuple:
+    """((p, k), transpose): the shape of the tall form of a kernel's reshaped matrix (p >= k; A = W,
+    or W^T when ``transpose``)."""
     shape = tuple(shape)
     if len(shape) < 2:
         raise ValueError(f"shape {shape} has no spectral decomposition")
-    n = 1
+    m, n = int(shape[0]), 1
     for s in shape[1:]:
         n *= int(s)
-    return min(int(shape[0]), n)
+    return ((n, m), True) if m < n else ((m, n), False)
 
 
 def effective_rank(shape, rank: int = 0) -> int:
@@ -175,15 +181,12 @@ def _gram64(a: torch.Tensor) -> tuple:
     below GRAM64_NULL_RATIO sigma_1: under it A v / sigma is dominated by the rounding of the
     eigenvectors (errors ~ eps64 (sigma_1/sigma)^2), so such sigma are set to 0.
     """
-    evals, evecs = torch.linalg.eigh(gram64_matrix(a))
-    a = a.double()
-    S = evals.flip(0).clamp_min(0).sqrt()
-    V = evecs.flip(1)
+    S, V = _gram_eig(gram64_matrix(a))
     k = S.shape[0]
     tol = S[0] * GRAM64_NULL_RATIO if k else 0.0
     good = int((S > tol).sum()) if k else 0
     U = torch.empty(a.shape[0], k, dtype=torch.float64, device=a.device)
-    U[:, :good] = (a @ V[:, :good]) / S[:good]
+    U[:, :good] = _times64(a, V[:, :good]) / S[:good]
     if good < k:  # complete the basis for the null directions
         fill = torch.randn(a.shape[0], k - good, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(a.device)
         q, _ = torch.linalg.qr(torch.cat([U[:, :good], fill], dim=1))
@@ -200,6 +203,25 @@ def row_blocks(rows: int, cols: int, block_bytes: int = GRAM_BLOCK_BYTES, itemsi
     step = max(1, block_bytes // max(1, cols * itemsize))
     for i in range(0, rows, step):
         yield slice(i, min(rows, i + step))
+
+
+def _times64(a: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """A X in float64 (X float64), by row blocks of A (no float64 copy of the whole of A)."""
+    out = torch.empty(a.shape[0], X.shape[1], dtype=torch.float64, device=a.device)
+    for rows in row_blocks(a.shape[0], a.shape[1]):
+        out[rows] = a[rows].double() @ X
+    return out
+
+
+def _gram_eig(G: torch.Tensor) -> tuple:
+    """(sigma, V) from the Gram matrix G = A^T A = V diag(sigma^2) V^T, sigma descending."""
+    evals, evecs = torch.linalg.eigh(G)
+    return evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
+
+
+def _has_null(S: torch.Tensor) -> bool:
+    """Whether descending ``S`` has numerically null values (below GRAM64_NULL_RATIO sigma_1)."""
+    return not float(S[0]) > 0 or bool((S <= S[0] * GRAM64_NULL_RATIO).any())
 
 
 def gram64_matrix(a: torch.Tensor) -> torch.Tensor:
@@ -231,18 +253,13 @@ def _gram64_compact(a: torch.Tensor) -> Optional[tuple]:
     k = a.shape[1]
     if k == 0:
         return None
-    evals, evecs = torch.linalg.eigh(gram64_matrix(a))
-    S = evals.flip(0).clamp_min(0).sqrt()
-    V = evecs.flip(1)
-    if not float(S[0]) > 0 or bool((S <= S[0] * GRAM64_NULL_RATIO).any()):
+    S, V = _gram_eig(gram64_matrix(a))
+    if _has_null(S):
         return None
     t = int((S >= S[0] * RECOMPUTE_MIN_RATIO).sum())
     tail = None
     if t < k:
-        tail = torch.empty(a.shape[0], k - t, dtype=torch.float64, device=a.device)
-        for rows in row_blocks(a.shape[0], k):
-            tail[rows] = a[rows].double() @ V[:, t:]
-        tail = (tail / S[t:]).to("cpu", STORAGE_DTYPE).contiguous()
+        tail = (_times64(a, V[:, t:]) / S[t:]).to("cpu", STORAGE_DTYPE).contiguous()
     return S.to("cpu", torch.float32).contiguous(), V.to("cpu", torch.float32).contiguous(), tail
 
 
@@ -398,16 +415,12 @@ def _top_from_gram(a: torch.Tensor, G: torch.Tensor, r: int) -> Optional[tuple]:
     """The top ``r`` triplets from the full eigendecomposition of the float64 Gram matrix G = A^T A
     (what the full route computes; U = A V diag(1/sigma) for those r only); None where A has
     numerically null directions among them."""
-    evals, evecs = torch.linalg.eigh(G)
-    S = evals.flip(0)[:r].clamp_min(0).sqrt()
-    V = evecs.flip(1)[:, :r]
-    if not float(S[0]) > 0 or bool((S <= S[0] * GRAM64_NULL_RATIO).any()):
+    S, V = _gram_eig(G)
+    S, V = S[:r], V[:, :r]
+    if _has_null(S):
         return None
-    U = torch.empty(a.shape[0], r, dtype=torch.float64, device=a.device)
-    for rows in row_blocks(a.shape[0], a.shape[1]):
-        U[rows] = a[rows].double() @ V
     ROUTE_COUNTS["truncated->eigh"] += 1
-    return U / S, S, V
+    return _times64(a, V) / S, S, V
 
 
 def _may_converge(history: list, tol: float, left: int) -> bool:
@@ -546,15 +559,6 @@ class CompactFactors:
         return TallFactors(Ua, S, V, transpose).decomposition(tuple(weight.shape), storage_dtype)
 
 
-def tall_shape(shape) -> tuple:
-    """((p, k), transpose): the tall form's shape of a kernel of this shape (p >= k)."""
-    shape = tuple(shape)
-    m, n = int(shape[0]), 1
-    for s in shape[1:]:
-        n *= int(s)
-    return ((n, m), True) if m < n else ((m, n), False)
-
-
 def compact_parts(f: TallFactors) -> dict:
     """sigma, the small square factor Va (float32), and the columns of Ua that A Va / sigma cannot give.
 
@@ -598,13 +602,6 @@ def compact_factors(weight: torch.Tensor, algorithm: str = "gram64", device: Opt
                 ROUTE_COUNTS["gram64(compact)"] += 1
                 return CompactFactors(*out, tuple(weight.shape))
     return CompactFactors.of(factors(weight, algorithm, device, rank), tuple(weight.shape))
-
-
-def expand_compact(parts: dict, weight: torch.Tensor, device=None, storage_dtype: torch.dtype = STORAGE_DTYPE,
-                   j: Optional[int] = None) -> Decomposition:
-    """The :class:`Decomposition` of ``weight`` from its compact parts (first ``j`` triplets)."""
-    cf = CompactFactors.from_parts(parts, tuple(weight.shape))
-    return cf.truncate(j or cf.rank).expand(weight, device, storage_dtype)
 
 
 def fingerprint(weight: torch.Tensor) -> str:
@@ -852,7 +849,8 @@ class SVDCache:
         with self._lock:
             if any(k_ in self._mem for k_ in keys):
                 return True
-        return any(self._disk_path(k_) is not None and os.path.isfile(self._disk_path(k_)) for k_ in keys)
+        paths = [self._disk_path(k_) for k_ in keys]
+        return any(p is not None and os.path.isfile(p) for p in paths)
 
     def compact(self, weight: torch.Tensor, device: Optional[torch.device] = None, fp: Optional[str] = None,
                 rank: int = 0) -> CompactFactors:
@@ -860,11 +858,13 @@ class SVDCache:
         fp = fp or fingerprint(weight)
         r = effective_rank(weight.shape, rank)
         cf = self._lookup(fp, r, tuple(weight.shape))
-        if cf is None:
-            cf = compact_factors(weight, self.algorithm, device=device, rank=r)
-            self.stats["computed"] += 1
-            self._keep(self._key(fp, r), cf)
-        return cf
+        return cf if cf is not None else self._compute(weight, device, fp, r)[0]
+
+    def _compute(self, weight: torch.Tensor, device, fp: str, r: int) -> tuple:
+        """(new compact factors of ``weight``, whether the cache could keep them)."""
+        cf = compact_factors(weight, self.algorithm, device=device, rank=r)
+        self.stats["computed"] += 1
+        return cf, self._keep(self._key(fp, r), cf)
 
     def ensure(self, weight: torch.Tensor, device: Optional[torch.device] = None, fp: Optional[str] = None,
                rank: int = 0) -> Optional[CompactFactors]:
@@ -878,9 +878,8 @@ class SVDCache:
         r = effective_rank(weight.shape, rank)
         if self.has(fp, tuple(weight.shape), r):
             return None
-        cf = compact_factors(weight, self.algorithm, device=device, rank=r)
-        self.stats["computed"] += 1
-        return None if self._keep(self._key(fp, r), cf) else cf
+        cf, kept = self._compute(weight, device, fp, r)
+        return None if kept else cf
 
     def get(self, weight: torch.Tensor, device: Optional[torch.device] = None, fp: Optional[str] = None,
             rank: int = 0) -> Decomposition:
